@@ -20,6 +20,8 @@ PY_PKGS=(numpy setuptools wheel "cython<3.2" pkgconfig "mpi4py>=4.0" h5py scikit
          matplotlib tqdm pytest pytest-timeout ruff psutil pyyaml cloudpickle packaging cffi)
 APT_PKGS=(openmpi-bin libopenmpi-dev libgdal-dev gdal-bin cmake g++ slurm-wlm munge)
 
+# A cached wheel of NAME==VERSION (wheel names may be lower-cased by pip), or nothing.
+cached_wheel() { find "$WHEELS" -maxdepth 1 -iname "$1-$2-*.whl" 2>/dev/null | head -n1; }
 say() { printf '[install] %s\n' "$*"; }
 die() { printf '[install] ERROR: %s\n' "$*" >&2; exit 1; }
 
@@ -68,18 +70,18 @@ say "installing Python packages"
 
 # GDAL bindings must match the system library and see numpy at build time.
 if ! "$VPY" -c "from osgeo import gdal_array, gdal; assert gdal.__version__ == '$GDAL_VERSION'" 2>/dev/null; then
-  whl=$(ls "$WHEELS"/GDAL-"$GDAL_VERSION"-*.whl 2>/dev/null | head -n1 || true)
+  whl=$(cached_wheel gdal "$GDAL_VERSION")
   if [[ -z $whl ]]; then
     say "building GDAL $GDAL_VERSION bindings (cached afterwards)"
     "$VPY" -m pip wheel -q --no-build-isolation --no-deps -w "$WHEELS" "GDAL==$GDAL_VERSION"
-    whl=$(ls "$WHEELS"/GDAL-"$GDAL_VERSION"-*.whl | head -n1)
+    whl=$(cached_wheel gdal "$GDAL_VERSION")
   fi
   "${PIP[@]}" --force-reinstall --no-deps "$whl"
 fi
 
 # Horovod 0.28.1: the sdist needs C++17 to compile against torch >= 2.1 (horovod#3996).
 if ! "$VPY" -c "import horovod.torch" 2>/dev/null; then
-  whl=$(ls "$WHEELS"/horovod-"$HOROVOD_VERSION"-*.whl 2>/dev/null | head -n1 || true)
+  whl=$(cached_wheel horovod "$HOROVOD_VERSION")
   if [[ -z $whl ]]; then
     say "building Horovod $HOROVOD_VERSION with PyTorch + MPI (about 3 minutes, cached afterwards)"
     src=$(mktemp -d)
@@ -92,7 +94,7 @@ if ! "$VPY" -c "import horovod.torch" 2>/dev/null; then
       HOROVOD_CPU_OPERATIONS=MPI MAKEFLAGS=-j"$(nproc)" \
       "$VPY" -m pip wheel -q --no-build-isolation --no-deps -w "$WHEELS" "$hsrc"
     rm -rf "$src"
-    whl=$(ls "$WHEELS"/horovod-"$HOROVOD_VERSION"-*.whl | head -n1)
+    whl=$(cached_wheel horovod "$HOROVOD_VERSION")
   fi
   "${PIP[@]}" --no-deps "$whl"
 fi
