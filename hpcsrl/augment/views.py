@@ -1,0 +1,100 @@
+"""The view pipeline per sensor and the two-view call used by the trainer.
+
+optical  crop+flip+rot90 -> colour jitter (p .8) + random grayscale (p .2) when the bands are
+         R, G, B, else per-band brightness/contrast jitter (p .8) -> Gaussian blur (p .5)
+sar      crop+flip+rot90 -> Gaussian blur (p .3, sigma <= 1) -> speckle (p .5) -> dB gain (p .5)
+s1s2     one geometry for all bands, then the optical ops on the S2 bands and the SAR ops on VV/VH
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from hpcsrl.augment import optical, sar
+from hpcsrl.augment.common import gaussian_blur, random_geometry
+from hpcsrl.errors import UserError
+
+SENSORS = ("optical", "sar", "s1s2")
+SAR_BANDS = frozenset({"VV", "VH", "HH", "HV"})
+RGB_ORDERS = (("R", "G", "B"), ("B04", "B03", "B02"))
+
+
+def _as_stat(v: Sequence[float] | np.ndarray | Tensor | None, c: int, default: float) -> Tensor:
+    if v is None:
+        return torch.full((c,), default)
+    t = torch.as_tensor(np.asarray(v, dtype=np.float32).reshape(-1))
+    if t.numel() != c:
+        raise ValueError(f"band statistics have {t.numel()} values for {c} bands")
+    return t
+
+
+class ViewTransform:
+    """Callable `(x (N, C, H, W), generator) -> view (N, C, size, size)` for one sensor."""
+
+    def __init__(self, sensor: str, band_names: Sequence[str], input_size: int,
+                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+                 crop_scale: tuple[float, float] = (0.2, 1.0)) -> None:
+        if sensor not in SENSORS:
+            raise UserError(f"unknown sensor {sensor!r}: choose one of {', '.join(SENSORS)}")
+        names = tuple(band_names)
+        c = len(names)
+        self.sensor, self.band_names, self.size = sensor, names, input_size
+        self.crop_scale = crop_scale
+        self.mean, self.std = _as_stat(mean, c, 0.0), _as_stat(std, c, 1.0)
+        is_sar = [sensor == "sar" or (sensor == "s1s2" and b.upper() in SAR_BANDS) for b in names]
+        self.sar_idx = [i for i, s in enumerate(is_sar) if s]
+        self.opt_idx = [i for i, s in enumerate(is_sar) if not s]
+        self.rgb = tuple(names[i] for i in self.opt_idx) in RGB_ORDERS
+
+    def steps(self) -> list[str]:
+        """Names of the ops this sensor runs, in order (documentation and tests)."""
+        out = ["crop_flip_rot90"]
+        if self.opt_idx:
+            out += ["colour_jitter", "random_grayscale"] if self.rgb else ["band_jitter"]
+            out.append("blur")
+        if self.sar_idx:
+            out += ["sar_blur", "speckle", "db_gain"]
+        return out
+
+    def _optical(self, x: Tensor, g: torch.Generator) -> Tensor:
+        idx = self.opt_idx
+        mean, std = self.mean[idx].view(1, -1, 1, 1), self.std[idx].view(1, -1, 1, 1)
+        y = x * std + mean  # physical units (reflectance or DN) for multiplicative ops
+        if self.rgb:
+            y = optical.random_grayscale(optical.colour_jitter(y, g), g)
+        else:
+            y = optical.band_jitter(y, g)
+        return gaussian_blur((y - mean) / std, g, p=0.5)
+
+    def _sar(self, x: Tensor, g: torch.Generator) -> Tensor:
+        std_db = self.std[self.sar_idx]
+        x = gaussian_blur(x, g, p=0.3, sigma=(0.1, 1.0))
+        return sar.db_gain(sar.speckle(x, g, std_db), g, std_db)
+
+    def __call__(self, x: Tensor, g: torch.Generator) -> Tensor:
+        if x.shape[1] != len(self.band_names):
+            raise ValueError(f"batch has {x.shape[1]} bands, transform expects "
+                             f"{len(self.band_names)}")
+        x = random_geometry(x, self.size, g, scale=self.crop_scale)
+        out = x.clone()
+        if self.opt_idx:
+            out[:, self.opt_idx] = self._optical(x[:, self.opt_idx], g)
+        if self.sar_idx:
+            out[:, self.sar_idx] = self._sar(x[:, self.sar_idx], g)
+        return out
+
+
+def make_view_transform(sensor: str, band_names: Sequence[str], input_size: int,
+                        mean: Sequence[float] | None = None,
+                        std: Sequence[float] | None = None) -> ViewTransform:
+    """The augmentation pipeline the sensor calls for (see the module docstring)."""
+    return ViewTransform(sensor, band_names, input_size, mean=mean, std=std)
+
+
+def two_views(transform: ViewTransform, x: Tensor, g: torch.Generator) -> tuple[Tensor, Tensor]:
+    """Two independent random views of the same batch."""
+    return transform(x, g), transform(x, g)

@@ -1,0 +1,175 @@
+"""`hpcsrl evaluate`: few-label freeze / fine-tune evaluation of a pre-trained encoder + floors."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+
+from hpcsrl.errors import UserError
+from hpcsrl.log import get_logger
+
+PAPER_EPOCHS = 200  # source paper Sec. 5: Adam, batch 64, cosine decay within 200 epochs
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", help="DIR/checkpoint.pt written by `hpcsrl pretrain` "
+                   "(omit with --random-init)")
+    p.add_argument("--data", required=True, help="labelled patch HDF5 (hpcsrl-preprocess output)")
+    p.add_argument("--bands", default=None,
+                   help="band set to read (rgb, s2-10m, s2, s1, s1s2); default: the checkpoint's")
+    p.add_argument("--mode", choices=("freeze", "finetune", "both"), default="both",
+                   help="freeze: linear classifier on the frozen encoder; finetune: whole network")
+    p.add_argument("--label-fractions", default="0.1,0.2,0.5",
+                   help="comma-separated fractions of the non-test samples used as labels")
+    p.add_argument("--test-fraction", type=float, default=0.2, help="held-out stratified test set")
+    p.add_argument("--epochs", type=int, default=PAPER_EPOCHS, help="classifier training epochs")
+    p.add_argument("--finetune-epochs", type=int, default=None,
+                   help="epochs of the (much slower) fine-tune runs; default: --epochs")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate of the linear head")
+    p.add_argument("--encoder-lr", type=float, default=1e-4,
+                   help="Adam learning rate of the encoder when fine-tuning")
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--no-augment", action="store_true",
+                   help="no flips/rotations while fine-tuning")
+    p.add_argument("--seed", type=int, default=0, help="split, initialisation and shuffling seed")
+    p.add_argument("--max-samples", type=int, default=None,
+                   help="evaluate on a stratified subsample of this many labelled patches")
+    p.add_argument("--random-init", action="store_true",
+                   help="evaluate only a randomly initialised encoder (no checkpoint)")
+    p.add_argument("--method", default="lite-srl", help="architecture for --random-init")
+    p.add_argument("--backbone", default="resnet18", help="backbone for --random-init")
+    p.add_argument("--no-random-floor", action="store_true",
+                   help="skip the random-init encoder rows beside a checkpoint")
+    p.add_argument("--no-knn-floor", action="store_true",
+                   help="skip the channel-statistics k-NN rows")
+    p.add_argument("--no-tsne", action="store_true", help="skip the t-SNE plots")
+    p.add_argument("--tsne-points", type=int, default=2000, help="t-SNE subsample size")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch compute threads (1 when several jobs share the machine)")
+    p.add_argument("--out", required=True, help="output folder for report.csv and plots")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def parse_fractions(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise UserError(f"--label-fractions {text!r}: expected numbers like 0.1,0.2,0.5") from None
+    if not values or any(not 0 < v <= 1 for v in values):
+        raise UserError(f"--label-fractions {text!r}: every value must be in (0, 1]")
+    return tuple(sorted(set(values)))
+
+
+def _load_checkpoint(args: argparse.Namespace):
+    """(model, checkpoint dict) or (None, {}) with --random-init; foreign files -> UserError."""
+    if args.random_init:
+        return None, {}
+    from hpcsrl.models.registry import model_from_checkpoint
+
+    return model_from_checkpoint(args.checkpoint)
+
+
+def _check_bands(ckpt: dict, ds, args: argparse.Namespace) -> None:
+    """The data's bands must be the ones the encoder was pre-trained on (count and names)."""
+    want = ckpt["config"].get("in_channels")
+    names = ckpt.get("band_names")
+    if want is not None and want != ds.channels:
+        raise UserError(f"{args.checkpoint} was pre-trained on {want} bands but --bands "
+                        f"{ds.bands} gives {ds.channels}: pass the band set it was trained on "
+                        f"({ckpt.get('pretrain', {}).get('bands', '?')})")
+    if names and list(names) != list(ds.band_names):
+        raise UserError(f"{args.checkpoint} was pre-trained on bands {','.join(names)} but "
+                        f"--bands {ds.bands} reads {','.join(ds.band_names)}")
+
+
+def _encoders(args: argparse.Namespace, model, ckpt: dict, channels: int, log) -> dict:
+    """{name: encoder}: the checkpoint's encoder and its random-init twin (or only the latter)."""
+    import torch
+
+    from hpcsrl.models.registry import build_method, model_from_config
+
+    encoders = {}
+    if model is not None:
+        config = ckpt["config"]
+        name = str(config["method"])
+        encoders[name] = model.encoder
+        log.info("checkpoint %s: %s / %s after %s epoch(s)", args.checkpoint, name,
+                 config.get("backbone"), ckpt.get("epoch", "?"))
+    if args.random_init or not args.no_random_floor:
+        torch.manual_seed(args.seed)
+        twin = (model_from_config(ckpt["config"]) if model is not None
+                else build_method(args.method, args.backbone, channels))
+        encoders["random-init"] = twin.encoder
+    for enc in encoders.values():
+        enc.eval()
+    return encoders
+
+
+def run(args: argparse.Namespace) -> int:
+    log = get_logger("hpcsrl.evaluate")
+    fractions = parse_fractions(args.label_fractions)
+    if not args.random_init and not args.checkpoint:
+        raise UserError("--checkpoint DIR/checkpoint.pt is required (or use --random-init)")
+    if not args.random_init and not Path(args.checkpoint).is_file():
+        raise UserError(f"--checkpoint {args.checkpoint}: no such file")
+    for opt in ("epochs", "batch_size", "threads", "tsne_points"):
+        if getattr(args, opt) < 1:
+            raise UserError(f"--{opt.replace('_', '-')} must be >= 1")
+    if args.finetune_epochs is not None and args.finetune_epochs < 1:
+        raise UserError("--finetune-epochs must be >= 1")
+    if args.max_samples is not None and args.max_samples < 2:
+        raise UserError("--max-samples must be >= 2")
+
+    import torch
+
+    from hpcsrl.data import PatchDataset
+    from hpcsrl.eval.protocol import EvalSpec, LabelledData, is_multilabel, run_protocol
+    from hpcsrl.eval.report import format_table
+    from hpcsrl.eval.train import FitConfig
+    from hpcsrl.fileio import write_json
+
+    torch.set_num_threads(args.threads)
+    model, ckpt = _load_checkpoint(args)
+    bands = args.bands or ckpt.get("pretrain", {}).get("bands")
+    if not bands:
+        raise UserError("--bands is required (rgb, s2-10m, s2, s1 or s1s2)")
+    ds = PatchDataset(args.data, bands=bands)
+    if not ds.has_labels:
+        raise UserError(f"{args.data}: the file has no labels (dataset 'label' is absent or all "
+                        "-1); evaluation needs a labelled patch file")
+    labels = np.asarray(ds.labels, dtype=np.int64)
+    names = list(ds.class_names) or [f"class_{i}" for i in range(int(labels.max()) + 1)]
+    if labels.max() >= len(names):
+        raise UserError(f"{args.data}: label {labels.max()} but only {len(names)} class_names")
+    if model is not None:
+        _check_bands(ckpt, ds, args)
+    encoders = _encoders(args, model, ckpt, ds.channels, log)
+
+    modes = ("freeze", "finetune") if args.mode == "both" else (args.mode,)
+    fit = FitConfig(epochs=args.epochs, finetune_epochs=args.finetune_epochs,
+                    batch_size=args.batch_size, lr=args.lr,
+                    encoder_lr=args.encoder_lr, weight_decay=args.weight_decay, seed=args.seed,
+                    augment=not args.no_augment, progress=not args.quiet)
+    spec = EvalSpec(modes=modes, fractions=fractions, test_fraction=args.test_fraction,
+                    seed=args.seed, max_samples=args.max_samples,
+                    knn_floor=not args.no_knn_floor, tsne=not args.no_tsne,
+                    tsne_points=args.tsne_points, fit=fit)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    multi = ds.multi_hot if is_multilabel(ds.multi_hot) else None
+    config = {k: v for k, v in vars(args).items() if not k.startswith("_")}
+    write_json(out / "eval_config.json", {**config, "bands": ds.bands,
+                                          "class_names": names, "multilabel": multi is not None})
+    log.info("%s: %d labelled patches, %d classes, bands %s; modes %s; fractions %s",
+             args.data, int((labels >= 0).sum()), len(names), ds.bands, ",".join(modes),
+             ",".join(f"{f:g}" for f in fractions))
+    t0 = time.perf_counter()
+    data = LabelledData(lambda idx: ds.read_batch(idx)[0], labels, names, multi)
+    rows = run_protocol(data, encoders, spec, out, log)
+    print(format_table(rows))
+    log.info("report: %s (%.0f s)", out / "report.csv", time.perf_counter() - t0)
+    return 0

@@ -1,0 +1,85 @@
+"""`hpcsrl pretrain`: self-supervised pre-training of Lite-SRL or a baseline on a patch HDF5."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from hpcsrl.errors import UserError
+
+METHOD_NAMES = ("lite-srl", "simsiam", "byol", "simclr", "moco-v2", "dual-simclr")
+BACKBONE_NAMES = ("resnet18", "resnet34", "resnet50")
+# Set by mpirun / srun / horovodrun: several processes then share the node's cores.
+LAUNCHER_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "SLURM_STEP_ID", "SLURM_JOB_ID",
+                 "HOROVOD_RANK")
+
+
+def default_threads() -> int:
+    """1 compute thread under MPI/Slurm (ranks share cores), else every core."""
+    if any(v in os.environ for v in LAUNCHER_VARS):
+        return 1
+    return os.cpu_count() or 1
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", required=True, help="patch HDF5 written by hpcsrl-preprocess")
+    p.add_argument("--bands", default="rgb",
+                   help="band set: rgb, s2-10m, s2, s1, s1s2 (default rgb)")
+    p.add_argument("--method", default="lite-srl",
+                   help=f"one of {', '.join(METHOD_NAMES)} (default lite-srl)")
+    p.add_argument("--backbone", default="resnet18",
+                   help=f"one of {', '.join(BACKBONE_NAMES)} (default resnet18)")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--input-size", type=int, default=64, help="side of the augmented views (px)")
+    p.add_argument("--out", required=True, help="output folder: checkpoint.pt, log.csv")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from OUT/checkpoint.pt (starts fresh when there is none)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="base learning rate (default 0.05 x batch / 256), cosine-decayed")
+    p.add_argument("--weight-decay", type=float, default=1e-4)
+    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch compute threads (default 1 under MPI/Slurm, else all cores)")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader reader processes")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--limit", type=int, default=None, help="use at most N patches")
+    p.add_argument("--monitor-samples", type=int, default=512,
+                   help="patches for the collapse / k-NN monitor (half held out when labelled)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.method not in METHOD_NAMES:
+        raise UserError(f"--method {args.method!r} is unknown: choose one of "
+                        f"{', '.join(METHOD_NAMES)}")
+    if args.backbone not in BACKBONE_NAMES:
+        raise UserError(f"--backbone {args.backbone!r} is unknown: choose one of "
+                        f"{', '.join(BACKBONE_NAMES)}")
+    for name in ("epochs", "batch_size", "input_size"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.batch_size < 2:
+        raise UserError("--batch-size must be at least 2 (BatchNorm and the losses need pairs)")
+    if args.input_size < 32:
+        raise UserError("--input-size must be at least 32 (ResNet down-samples 32x)")
+    if args.limit is not None and args.limit < 2:
+        raise UserError("--limit must be at least 2")
+    import torch
+
+    from hpcsrl.data import PatchDataset
+    from hpcsrl.train.loop import PretrainConfig, Pretrainer
+
+    threads = args.threads if args.threads is not None else default_threads()
+    if threads < 1:
+        raise UserError("--threads must be at least 1")
+    torch.set_num_threads(threads)
+    ds = PatchDataset(args.data, bands=args.bands)
+    cfg = PretrainConfig(method=args.method, backbone=args.backbone, bands=args.bands,
+                         epochs=args.epochs, batch_size=args.batch_size,
+                         input_size=args.input_size, lr=args.lr, weight_decay=args.weight_decay,
+                         momentum=args.momentum, seed=args.seed, workers=args.workers,
+                         limit=args.limit, monitor_samples=args.monitor_samples,
+                         progress=not args.no_progress)
+    Pretrainer(ds, cfg, args.out, resume=args.resume).run()
+    return 0

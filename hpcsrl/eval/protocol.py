@@ -1,0 +1,207 @@
+"""The few-label protocol end to end: split, features, freeze / fine-tune / k-NN floor, report.
+
+Works on a plain `read(indices) -> (n, C, P, P)` function and label arrays, so it is independent of
+the HDF5 dataset class and of the model registry (the CLI and the benchmark wire those in).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import re
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from torch import nn
+
+from hpcsrl.eval import metrics
+from hpcsrl.eval.features import BatchReader, extract, state_digest, verify_unchanged
+from hpcsrl.eval.floors import knn_predict
+from hpcsrl.eval.plots import plot_confusion, plot_tsne, tsne_embed
+from hpcsrl.eval.report import REPORT_COLUMNS, write_confusion_csv, write_csv
+from hpcsrl.eval.splits import nested_label_fractions, stratified_subsample, stratified_test_split
+from hpcsrl.eval.train import FitConfig, fine_tune, fit_linear, predict
+from hpcsrl.fileio import write_json
+
+MODES = ("freeze", "finetune")
+KNN_NAME = "channel-stats"
+PER_CLASS_COLUMNS = ("encoder", "mode", "fraction", "class", "precision", "recall", "f1",
+                     "support")
+
+
+@dataclass
+class LabelledData:
+    """What the protocol needs from a dataset."""
+
+    read: BatchReader
+    labels: np.ndarray                      # (N,) int, -1 = unknown (excluded)
+    class_names: list[str]
+    multi_hot: np.ndarray | None = None     # (N, K) 0/1, only when samples carry several labels
+
+
+@dataclass
+class EvalSpec:
+    modes: tuple[str, ...] = MODES
+    fractions: tuple[float, ...] = (0.1, 0.2, 0.5)
+    test_fraction: float = 0.2
+    seed: int = 0
+    max_samples: int | None = None          # stratified subsample of the labelled set first
+    knn_floor: bool = True
+    tsne: bool = True
+    tsne_points: int = 2000
+    feature_batch: int = 256
+    fit: FitConfig = field(default_factory=FitConfig)
+
+
+def is_multilabel(multi_hot: np.ndarray | None) -> bool:
+    """True when some sample carries more than one label (else single-label metrics suffice)."""
+    return multi_hot is not None and bool((np.asarray(multi_hot).sum(axis=1) > 1).any())
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.+-]+", "_", text).strip("_") or "x"
+
+
+def run_name(encoder: str, mode: str, fraction: float) -> str:
+    return f"{slug(encoder)}_{mode}_{round(fraction * 100):g}pct"
+
+
+class _Recorder:
+    """Collects report rows and writes each run's confusion CSV/PNG as soon as it finishes."""
+
+    def __init__(self, data: LabelledData, test: np.ndarray, out: Path,
+                 log: logging.Logger) -> None:
+        self.data, self.test, self.out, self.log = data, test, out, log
+        self.rows: list[dict] = []
+        self.per_class: list[dict] = []
+
+    def add(self, encoder: str, mode: str, fraction: float, n_train: int, seconds: float,
+            pred: np.ndarray, ml_pred: np.ndarray | None = None) -> dict:
+        names = self.data.class_names
+        rep = metrics.classification_report(self.data.labels[self.test], pred, len(names))
+        row = {"encoder": encoder, "mode": mode, "fraction": fraction, "oa": rep["oa"],
+               "kappa": rep["kappa"], "macro_f1": rep["macro_f1"], "n_train": n_train,
+               "n_test": len(self.test), "seconds": round(seconds, 2)}
+        if ml_pred is not None and self.data.multi_hot is not None:
+            row.update(metrics.multilabel_f1(self.data.multi_hot[self.test], ml_pred))
+        self.rows.append(row)
+        pc = rep["per_class"]
+        for c, name in enumerate(names):
+            self.per_class.append({"encoder": encoder, "mode": mode, "fraction": fraction,
+                                   "class": name, "precision": pc["precision"][c],
+                                   "recall": pc["recall"][c], "f1": pc["f1"][c],
+                                   "support": int(pc["support"][c])})
+        base = self.out / f"confusion_{run_name(encoder, mode, fraction)}"
+        write_confusion_csv(base.with_suffix(".csv"), rep["confusion"], names)
+        plot_confusion(rep["confusion"], names,
+                       f"{encoder} {mode} {fraction:.0%} labels: OA {rep['oa']:.3f}",
+                       base.with_suffix(".png"))
+        self.log.info("%-14s %-8s %4.0f%%  OA %.4f  kappa %.4f  macro-F1 %.4f  (%d train, %.1f s)",
+                      encoder, mode, fraction * 100, rep["oa"], rep["kappa"], rep["macro_f1"],
+                      n_train, seconds)
+        return row
+
+
+def _tsne(feats: np.ndarray, labels: np.ndarray, names: list[str], title: str, path: Path,
+          spec: EvalSpec) -> None:
+    xy, lab = tsne_embed(feats, labels, spec.tsne_points, spec.seed)
+    plot_tsne(xy, lab, names, title, path)
+
+
+def run_protocol(data: LabelledData, encoders: Mapping[str, nn.Module], spec: EvalSpec,
+                 out_dir: str | Path, log: logging.Logger | None = None,
+                 on_row: Callable[[dict], None] | None = None) -> list[dict]:
+    """Evaluate every encoder in every mode at every label fraction (+ the k-NN floor).
+
+    Writes into `out_dir`: report.csv, per_class.csv, split.json, confusion_*.csv/png and
+    tsne_*.png. Freeze runs never touch the encoder (checked by digest); fine-tune runs work on
+    deep copies, so the caller's encoders are unchanged afterwards either way.
+    """
+    log = log or logging.getLogger("hpcsrl.eval")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for m in spec.modes:
+        if m not in MODES:
+            raise ValueError(f"unknown mode {m!r}; expected one of {MODES}")
+    labels = np.asarray(data.labels, dtype=np.int64)
+    k = len(data.class_names)
+    if labels.max(initial=-1) >= k:
+        raise ValueError(f"labels reach {labels.max()} but only {k} class names are given")
+
+    candidates = labels.copy()
+    if spec.max_samples:
+        keep = stratified_subsample(labels, spec.max_samples, spec.seed)
+        candidates = np.full_like(labels, -1)
+        candidates[keep] = labels[keep]
+    pool, test = stratified_test_split(candidates, spec.test_fraction, spec.seed)
+    subsets = nested_label_fractions(candidates, pool, list(spec.fractions), spec.seed)
+    write_json(out / "split.json", {
+        "seed": spec.seed, "test_fraction": spec.test_fraction, "n_pool": int(len(pool)),
+        "test": test.tolist(), "train": {f"{f:g}": idx.tolist() for f, idx in subsets.items()}})
+    used = np.union1d(test, np.unique(np.concatenate(list(subsets.values()))))
+    pos = {int(i): p for p, i in enumerate(used)}          # sample index -> row in feature arrays
+
+    def rows_of(idx: np.ndarray) -> np.ndarray:
+        return np.fromiter((pos[int(i)] for i in idx), dtype=np.int64, count=len(idx))
+
+    test_rows = rows_of(test)
+    ml = data.multi_hot if is_multilabel(data.multi_hot) else None
+    rec = _Recorder(LabelledData(data.read, labels, data.class_names, ml), test, out, log)
+
+    digests = {name: state_digest(enc) for name, enc in encoders.items()}
+    t0 = time.perf_counter()
+    feats = extract(encoders, data.read, used, spec.feature_batch, with_stats=spec.knn_floor,
+                    progress=spec.fit.progress)
+    log.info("features of %d samples from %d encoder(s) in %.1f s", len(used), len(encoders),
+             time.perf_counter() - t0)
+    for name, enc in encoders.items():
+        verify_unchanged(enc, digests[name], f"encoder {name!r} (feature extraction)")
+
+    def emit(row: dict) -> None:
+        if on_row is not None:
+            on_row(row)
+
+    for name, enc in encoders.items():
+        if spec.tsne:
+            _tsne(feats[name][test_rows], labels[test], data.class_names,
+                  f"t-SNE of frozen {name} features (test set)", out / f"tsne_{slug(name)}.png",
+                  spec)
+        if "freeze" in spec.modes:
+            for f, idx in subsets.items():
+                t = time.perf_counter()
+                head = fit_linear(feats[name][rows_of(idx)], labels[idx], k, spec.fit,
+                                  None if ml is None else ml[idx])
+                pred, ml_pred = predict(head, feats[name][test_rows])
+                emit(rec.add(name, "freeze", f, len(idx), time.perf_counter() - t, pred, ml_pred))
+            verify_unchanged(enc, digests[name], f"encoder {name!r}")
+        if "finetune" in spec.modes:
+            for f, idx in subsets.items():
+                t = time.perf_counter()
+                tuned = copy.deepcopy(enc)
+                head = fine_tune(tuned, feats[name].shape[1], data.read, idx, labels, k,
+                                 spec.fit, ml, init_feats=feats[name][rows_of(idx)])
+                test_feats = extract({name: tuned}, data.read, test, spec.feature_batch,
+                                     with_stats=False, progress=spec.fit.progress)[name]
+                pred, ml_pred = predict(head, test_feats)
+                emit(rec.add(name, "finetune", f, len(idx), time.perf_counter() - t, pred,
+                             ml_pred))
+                if spec.tsne and f == max(subsets):
+                    _tsne(test_feats, labels[test], data.class_names,
+                          f"t-SNE of fine-tuned {name} features ({f:.0%} labels, test set)",
+                          out / f"tsne_{slug(name)}_finetuned.png", spec)
+            verify_unchanged(enc, digests[name], f"encoder {name!r} (fine-tune copies)")
+    if spec.knn_floor:
+        stats = feats["channel_stats"]
+        for f, idx in subsets.items():
+            t = time.perf_counter()
+            pred = knn_predict(stats[rows_of(idx)], labels[idx], stats[test_rows])
+            ml_pred = None if ml is None else knn_predict(stats[rows_of(idx)], ml[idx],
+                                                          stats[test_rows])
+            emit(rec.add(KNN_NAME, "knn", f, len(idx), time.perf_counter() - t, pred, ml_pred))
+
+    write_csv(out / "report.csv", rec.rows, REPORT_COLUMNS)
+    write_csv(out / "per_class.csv", rec.per_class, PER_CLASS_COLUMNS)
+    return rec.rows

@@ -1,0 +1,135 @@
+"""ResNet-18/34/50 backbones (no classifier) for any number of input bands, as a flat unit list.
+
+The backbone is an `nn.Sequential` whose children are its partitionable units, in order:
+
+    conv1          7x7/2 convolution (in_channels -> 64)
+    bn1_relu       batch norm + ReLU (one unit: the ReLU is in place on the BN output)
+    maxpool        3x3/2 max pooling
+    layer1_0 ...   one unit per residual block (a block is a parallel zone: never cut inside)
+    avgpool        global average pooling + flatten -> (N, feature_dim)
+
+ResNet-18 and -34 use BasicBlocks (2 + 2 + 2 + 2 and 3 + 4 + 6 + 3 blocks, feature_dim 512),
+ResNet-50 Bottlenecks (3 + 4 + 6 + 3, feature_dim 2048). So ResNet-18 has 3 + 8 + 1 = 12 units,
+ResNet-34 20 and ResNet-50 20. With the Lite-SRL heads (see `lite_srl.py`) ResNet-18 gives the
+paper's 28 partitionable layers. Parameters (3 bands): ResNet-18 11,176,512; ResNet-34
+21,284,672; ResNet-50 23,508,032 (torchvision's counts minus the 1000-class classifier).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+from torch import Tensor, nn
+
+from hpcsrl.errors import UserError
+from hpcsrl.models.units import Unit
+
+# depth name -> (block type, blocks per stage)
+ARCHS: dict[str, tuple[str, tuple[int, int, int, int]]] = {
+    "resnet18": ("basic", (2, 2, 2, 2)),
+    "resnet34": ("basic", (3, 4, 6, 3)),
+    "resnet50": ("bottleneck", (3, 4, 6, 3)),
+}
+BACKBONES: tuple[str, ...] = tuple(ARCHS)
+
+
+def _conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
+
+
+def _shortcut(cin: int, cout: int, stride: int) -> nn.Module | None:
+    """1x1 projection when the block changes shape; identity (None) otherwise."""
+    if stride == 1 and cin == cout:
+        return None
+    return nn.Sequential(nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout))
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convolutions with a residual connection (ResNet-18/34)."""
+
+    expansion = 1
+
+    def __init__(self, cin: int, width: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = _conv3x3(cin, width, stride), nn.BatchNorm2d(width)
+        self.conv2, self.bn2 = _conv3x3(width, width), nn.BatchNorm2d(width)
+        self.relu = nn.ReLU(inplace=True)
+        self.shortcut = _shortcut(cin, width, stride)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        identity = x if self.shortcut is None else self.shortcut(x)
+        return self.relu(out + identity)
+
+
+class Bottleneck(nn.Module):
+    """1x1 reduce, 3x3 (carries the stride), 1x1 expand by 4, residual connection (ResNet-50)."""
+
+    expansion = 4
+
+    def __init__(self, cin: int, width: int, stride: int = 1) -> None:
+        super().__init__()
+        cout = width * self.expansion
+        self.conv1, self.bn1 = nn.Conv2d(cin, width, 1, bias=False), nn.BatchNorm2d(width)
+        self.conv2, self.bn2 = _conv3x3(width, width, stride), nn.BatchNorm2d(width)
+        self.conv3, self.bn3 = nn.Conv2d(width, cout, 1, bias=False), nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU(inplace=True)
+        self.shortcut = _shortcut(cin, cout, stride)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        identity = x if self.shortcut is None else self.shortcut(x)
+        return self.relu(out + identity)
+
+
+class GlobalPool(nn.Module):
+    """Global average pooling + flatten: (N, C, H, W) -> (N, C)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1)
+
+
+class ResNet(nn.Sequential):
+    """A ResNet trunk whose children are exactly its partitionable units (see module docstring).
+
+    Maps (N, in_channels, H, W) -> (N, feature_dim); any H, W >= 32 works.
+    """
+
+    def __init__(self, depth: str = "resnet18", in_channels: int = 3) -> None:
+        if depth not in ARCHS:
+            raise UserError(f"unknown backbone {depth!r}: choose one of {', '.join(BACKBONES)}")
+        if in_channels < 1:
+            raise UserError(f"a backbone needs at least one input band (got {in_channels})")
+        kind, counts = ARCHS[depth]
+        block = BasicBlock if kind == "basic" else Bottleneck
+        layers: OrderedDict[str, nn.Module] = OrderedDict()
+        layers["conv1"] = nn.Conv2d(in_channels, 64, 7, stride=2, padding=3, bias=False)
+        layers["bn1_relu"] = nn.Sequential(nn.BatchNorm2d(64), nn.ReLU(inplace=True))
+        layers["maxpool"] = nn.MaxPool2d(3, stride=2, padding=1)
+        cin = 64
+        for stage, (n_blocks, width) in enumerate(zip(counts, (64, 128, 256, 512), strict=True),
+                                                   start=1):
+            for i in range(n_blocks):
+                stride = 2 if (i == 0 and stage > 1) else 1
+                layers[f"layer{stage}_{i}"] = block(cin, width, stride)
+                cin = width * block.expansion
+        layers["avgpool"] = GlobalPool()
+        super().__init__(layers)
+        self.depth, self.in_channels, self.feature_dim = depth, in_channels, cin
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def units(self, prefix: str = "backbone") -> list[Unit]:
+        """The children as (name, module) units, names prefixed (e.g. 'backbone.layer1_0')."""
+        return [(f"{prefix}.{name}", module) for name, module in self.named_children()]

@@ -1,0 +1,1 @@
+"""CWB partition planning: profile + cluster -> exact plan (pure Python: no torch, no MPI)."""

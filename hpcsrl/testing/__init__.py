@@ -1,0 +1,1 @@
+"""Test infrastructure that ships with the package (real daemons for integration tests)."""

@@ -1,0 +1,1 @@
+"""Self-supervised pre-training: the epoch loop, LR schedule, checkpoints and collapse monitors."""

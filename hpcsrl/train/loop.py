@@ -1,0 +1,319 @@
+"""Single-process self-supervised pre-training with exact resume.
+
+Every source of randomness is derived from (seed, epoch): the data order from a NumPy generator
+and the augmentations from a torch generator, both re-seeded at each epoch start. Together with the
+model, optimiser and LR-scheduler state saved after every epoch (and the global RNG states, for
+anything else that draws from them), a resumed run repeats the uninterrupted one bit for bit.
+Labels are never used for training: only the held-out k-NN monitor reads them.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from hpcsrl.augment.views import ViewTransform, make_view_transform, two_views
+from hpcsrl.errors import UserError
+from hpcsrl.eval.features import extract
+from hpcsrl.fileio import atomic_path
+from hpcsrl.log import get_logger, launcher_rank
+from hpcsrl.models.base import SSLMethod
+from hpcsrl.models.registry import PAIRED_MODALITY_METHODS, build_method
+from hpcsrl.train import monitor
+from hpcsrl.train.checkpoint import read_checkpoint, rng_state, set_rng_state, write_checkpoint
+from hpcsrl.train.schedules import CosineDecay, default_lr
+
+LOG_COLUMNS = ("epoch", "loss", "lr", "emb_std", "knn_acc", "seconds", "images_per_s")
+CHECKPOINT = "checkpoint.pt"
+# Options that must be unchanged for --resume to continue the same run.
+RESUME_KEYS = ("method", "backbone", "bands", "epochs", "batch_size", "input_size", "lr",
+               "weight_decay", "momentum", "seed", "limit", "monitor_samples", "method_options")
+
+
+@dataclass
+class PretrainConfig:
+    method: str = "lite-srl"
+    backbone: str = "resnet18"
+    bands: str = ""                 # recorded for checkpoints / resume checks
+    epochs: int = 10
+    batch_size: int = 64
+    input_size: int = 64
+    lr: float | None = None         # None: 0.05 * batch_size / 256
+    weight_decay: float = 1e-4
+    momentum: float = 0.9
+    seed: int = 0
+    workers: int = 0
+    limit: int | None = None        # use at most this many patches
+    monitor_samples: int = 512      # patches for the embedding-std / k-NN monitor
+    knn_k: int = 20
+    progress: bool = True
+    method_options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def base_lr(self) -> float:
+        return self.lr if self.lr is not None else default_lr(self.batch_size)
+
+
+def _seed_for(*words: int) -> int:
+    return int(np.random.SeedSequence(list(words)).generate_state(1)[0])
+
+
+def band_stats(dataset: Any) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """Per-band mean/std the dataset normalised with (public `mean`/`std`, else `_mean`/`_std`)."""
+    for m, s in (("mean", "std"), ("_mean", "_std")):
+        mean, std = getattr(dataset, m, None), getattr(dataset, s, None)
+        if mean is not None and std is not None:
+            return np.asarray(mean, np.float32).reshape(-1), np.asarray(std, np.float32).reshape(-1)
+    return None, None
+
+
+def split_indices(n: int, labels: np.ndarray | None, cfg: PretrainConfig
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(train, monitor, knn bank, knn query) dataset positions.
+
+    The monitor set is a fixed random sample; with labels, half of its labelled patches form the
+    k-NN bank and the other half the query set, which is held out of training.
+    """
+    rng = np.random.default_rng(_seed_for(cfg.seed, 7))
+    order = rng.permutation(n)
+    if cfg.limit is not None:
+        order = order[:cfg.limit]
+    monitor_idx = np.sort(order[:min(cfg.monitor_samples, len(order))])
+    bank = query = np.zeros(0, dtype=np.int64)
+    if labels is not None:
+        labelled = monitor_idx[labels[monitor_idx] >= 0]
+        if len(labelled) >= 4:
+            bank, query = labelled[::2], labelled[1::2]
+    train = np.sort(np.setdiff1d(order, query))
+    return train, monitor_idx, bank, query
+
+
+def epoch_batches(train: np.ndarray, batch_size: int, seed: int, epoch: int) -> list[np.ndarray]:
+    """Shuffled full batches for one epoch (the ragged tail is dropped: BatchNorm needs > 1)."""
+    perm = train[np.random.default_rng(_seed_for(seed, epoch, 1)).permutation(len(train))]
+    n_full = len(perm) // batch_size
+    if n_full == 0:
+        return [perm]
+    return [perm[i * batch_size:(i + 1) * batch_size] for i in range(n_full)]
+
+
+class _BatchReader(torch.utils.data.Dataset):
+    """Item i = one whole batch (`read_batch`), so DataLoader workers read in parallel."""
+
+    def __init__(self, dataset: Any, batches: list[np.ndarray]) -> None:
+        self.dataset, self.batches = dataset, batches
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, i: int) -> Tensor:
+        return self.dataset.read_batch(np.sort(self.batches[i]))[0]
+
+
+def iter_batches(dataset: Any, batches: list[np.ndarray], workers: int) -> Iterator[Tensor]:
+    if workers <= 0:
+        for b in batches:
+            yield dataset.read_batch(np.sort(b))[0]
+        return
+    loader = torch.utils.data.DataLoader(_BatchReader(dataset, batches), batch_size=None,
+                                         num_workers=workers, shuffle=False)
+    yield from loader
+
+
+class _Embedding(nn.Module):
+    """model.embedding as a module (for the shared feature extractor)."""
+
+    def __init__(self, model: SSLMethod) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model.embedding(x)
+
+
+def _format_rows(rows: list[dict[str, Any]]) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=LOG_COLUMNS, lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: ("" if r.get(k) is None or (isinstance(r.get(k), float)
+                                                  and math.isnan(r[k])) else r[k])
+                    for k in LOG_COLUMNS})
+    return buf.getvalue()
+
+
+class Pretrainer:
+    """Owns model, optimiser, schedule and the epoch loop for one dataset and output folder."""
+
+    def __init__(self, dataset: Any, cfg: PretrainConfig, out_dir: str | Path,
+                 resume: bool = False) -> None:
+        self.ds, self.cfg, self.out = dataset, cfg, Path(out_dir)
+        self.log = get_logger("hpcsrl.pretrain")
+        self.rank0 = launcher_rank() == 0
+        self.paired = cfg.method in PAIRED_MODALITY_METHODS
+        if self.paired and getattr(dataset, "sensor", None) != "s1s2":
+            raise UserError(f"--method {cfg.method} pairs Sentinel-2 with Sentinel-1: it needs "
+                            f"--bands s1s2 (got a {getattr(dataset, 'sensor', '?')} band set)")
+        n = len(dataset)
+        labels = np.asarray(dataset.labels) if getattr(dataset, "has_labels", False) else None
+        self.train_idx, self.monitor_idx, self.bank, self.query = split_indices(n, labels, cfg)
+        if len(self.train_idx) < 2:
+            raise UserError(f"only {len(self.train_idx)} patch(es) to train on: need at least 2 "
+                            "(check --limit and the HDF5 file)")
+        self.labels = labels
+        torch.manual_seed(cfg.seed)
+        self.model = build_method(cfg.method, cfg.backbone, in_channels=dataset.channels,
+                                  **cfg.method_options)
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=cfg.base_lr,
+                                   momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        self.steps_per_epoch = len(epoch_batches(self.train_idx, cfg.batch_size, cfg.seed, 0))
+        self.total_steps = self.steps_per_epoch * cfg.epochs
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, CosineDecay(self.total_steps))
+        mean, std = band_stats(dataset)
+        self.transform: ViewTransform | None = None if self.paired else make_view_transform(
+            dataset.sensor, dataset.band_names, cfg.input_size, mean=mean, std=std)
+        self.history: list[dict[str, Any]] = []
+        self.start_epoch = 0
+        ckpt_path = self.out / CHECKPOINT
+        if resume and ckpt_path.exists():
+            self._load(ckpt_path)
+        elif resume:
+            self.log.info("no %s yet: starting from scratch", ckpt_path)
+        elif ckpt_path.exists():
+            raise UserError(f"{ckpt_path} exists: pass --resume to continue that run, or choose "
+                            "another --out")
+
+    # --- state ------------------------------------------------------------------------------
+    def _run_record(self) -> dict[str, Any]:
+        rec = asdict(self.cfg)
+        for k in ("workers", "progress", "knn_k"):
+            rec.pop(k)
+        return rec
+
+    def _load(self, path: Path) -> None:
+        ckpt = read_checkpoint(path)
+        saved, now = ckpt.get("pretrain", {}), self._run_record()
+        diff = [f"--{k.replace('_', '-')} {saved.get(k)!r} (now {now[k]!r})"
+                for k in RESUME_KEYS if saved.get(k) != now[k]]
+        if ckpt.get("config") != self.model.config:
+            diff.append(f"model {ckpt.get('config')} (now {self.model.config})")
+        if diff:
+            raise UserError(f"{path} was made with different options: {'; '.join(diff)}. "
+                            "Resume with the same options or choose another --out")
+        self.model.load_state_dict(ckpt["model"])
+        self.opt.load_state_dict(ckpt["optimizer"])
+        self.sched.load_state_dict(ckpt["scheduler"])
+        set_rng_state(ckpt["rng"])
+        self.history = list(ckpt["history"])
+        self.start_epoch = int(ckpt["epoch"])
+        self.log.info("resumed %s after epoch %d of %d", path, self.start_epoch, self.cfg.epochs)
+
+    def save(self, epoch: int) -> None:
+        write_checkpoint(self.out / CHECKPOINT, {
+            "config": self.model.config, "pretrain": self._run_record(), "epoch": epoch,
+            "model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
+            "scheduler": self.sched.state_dict(), "rng": rng_state(), "history": self.history,
+            "band_names": list(self.ds.band_names), "sensor": self.ds.sensor})
+        with atomic_path(self.out / "log.csv") as tmp:
+            tmp.write_text(_format_rows(self.history))
+
+    # --- training ---------------------------------------------------------------------------
+    def _views(self, x: Tensor, g: torch.Generator) -> tuple[Tensor, Tensor]:
+        if self.transform is not None:
+            return two_views(self.transform, x, g)
+        if x.shape[-1] != self.cfg.input_size:  # paired modalities: no augmentation, only size
+            x = F.interpolate(x, size=(self.cfg.input_size,) * 2, mode="bilinear",
+                              align_corners=False, antialias=True)
+        return x, x
+
+    def train_epoch(self, epoch: int) -> tuple[float, int, float]:
+        """One pass over the shuffled training patches: (mean loss, images, seconds)."""
+        cfg = self.cfg
+        batches = epoch_batches(self.train_idx, cfg.batch_size, cfg.seed, epoch)
+        g = torch.Generator().manual_seed(_seed_for(cfg.seed, epoch, 2))
+        self.model.train()
+        total, images, t0 = 0.0, 0, time.perf_counter()
+        bar = tqdm(iter_batches(self.ds, batches, cfg.workers), total=len(batches),
+                   desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", leave=False,
+                   disable=not (cfg.progress and self.rank0))
+        for i, x in enumerate(bar):
+            x_a, x_b = self._views(x.float(), g)
+            loss = self.model(x_a, x_b)
+            if not torch.isfinite(loss):
+                raise UserError(f"loss became {loss.item()} at epoch {epoch + 1}, batch {i + 1}: "
+                                f"lower --lr (now {cfg.base_lr:g})")
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.opt.step()
+            self.sched.step()
+            step = epoch * self.steps_per_epoch + i + 1
+            self.model.after_step(progress=step / self.total_steps)
+            total += loss.item()
+            images += x.shape[0]
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+        bar.close()
+        return total / max(1, len(batches)), images, time.perf_counter() - t0
+
+    @torch.no_grad()
+    def monitor(self) -> tuple[float, float]:
+        """(embedding std, k-NN accuracy or NaN) on the fixed monitor patches, eval mode."""
+        def read(idx: np.ndarray) -> Tensor:
+            return self.ds.read_batch(idx)[0]
+
+        feats = extract({"encoder": self.model.encoder, "embedding": _Embedding(self.model)},
+                        read, self.monitor_idx, batch_size=max(2, self.cfg.batch_size),
+                        with_stats=False, progress=False)
+        std = monitor.embedding_std(torch.from_numpy(feats["embedding"]))
+        acc = float("nan")
+        if len(self.query):
+            pos = {int(v): i for i, v in enumerate(self.monitor_idx)}
+            b = [pos[int(v)] for v in self.bank]
+            q = [pos[int(v)] for v in self.query]
+            acc = monitor.knn_accuracy(feats["encoder"][b], self.labels[self.bank],
+                                       feats["encoder"][q], self.labels[self.query],
+                                       k=self.cfg.knn_k)
+        dim = feats["embedding"].shape[1]
+        if std < monitor.collapse_threshold(dim):
+            self.log.warning("WARNING: embedding std %.5f is below %.5f (healthy is about "
+                             "1/sqrt(%d) = %.4f): the representation is collapsing; check the "
+                             "augmentations and --lr", std, monitor.collapse_threshold(dim), dim,
+                             1 / math.sqrt(dim))
+        return std, acc
+
+    def run(self, stop_after: int | None = None) -> list[dict[str, Any]]:
+        """Train the remaining epochs (or up to epoch `stop_after`, e.g. to fit a job's time
+        limit); checkpoint and log after each. Returns the log rows."""
+        cfg = self.cfg
+        if self.start_epoch >= cfg.epochs:
+            self.log.info("all %d epochs already done (%s)", cfg.epochs, self.out / CHECKPOINT)
+            return self.history
+        self.log.info("pre-training %s/%s on %d patches (%d bands, %s): %d epochs x %d "
+                      "iterations, batch %d, input %d, lr %g", cfg.method, cfg.backbone,
+                      len(self.train_idx), self.ds.channels, self.ds.sensor, cfg.epochs,
+                      self.steps_per_epoch, cfg.batch_size, cfg.input_size, cfg.base_lr)
+        last = cfg.epochs if stop_after is None else min(cfg.epochs, stop_after)
+        for epoch in range(self.start_epoch, last):
+            loss, images, seconds = self.train_epoch(epoch)
+            std, acc = self.monitor()
+            row = {"epoch": epoch + 1, "loss": loss, "lr": self.opt.param_groups[0]["lr"],
+                   "emb_std": std, "knn_acc": acc, "seconds": seconds,
+                   "images_per_s": images / seconds if seconds > 0 else float("nan")}
+            self.history.append(row)
+            self.save(epoch + 1)
+            self.log.info("epoch %d/%d  loss %.4f  lr %.4g  emb_std %.4f  knn_acc %s  %.1f s "
+                          "(%.1f img/s)", epoch + 1, cfg.epochs, loss, row["lr"], std,
+                          "-" if math.isnan(acc) else f"{acc:.3f}", seconds,
+                          row["images_per_s"])
+        return self.history

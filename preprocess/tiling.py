@@ -1,0 +1,369 @@
+"""Cut one scene into patches: windowed GDAL reads, seamless bilinear up-sampling, filter, labels.
+
+Reads go one patch row at a time: a strip P pixels high spanning every patch column of the scene.
+The strip window depends only on the patch row, so a patch gets bit-identical values whichever rank
+reads it (determinism for any rank count). 20 m and 60 m bands are up-sampled to 10 m by GDAL's
+resampled RasterIO on the exact window (`GRIORA_Bilinear`), which looks past the window edge and so
+matches `gdalwarp -r bilinear` of the whole band: no seams between patches. Patch origins are
+multiples of P, and P a multiple of 6, so 20 m and 60 m windows start on whole source pixels.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+from osgeo import gdal
+
+from hpcsrl.data.bands import (
+    RGB_BANDS,
+    S1_BANDS,
+    S2_10M,
+    S2_20M,
+    S2_60M,
+    S2_BANDS,
+    SCL_CIRRUS,
+    SCL_CLOUD_HIGH,
+    SCL_CLOUD_MEDIUM,
+    SCL_CLOUD_SHADOW,
+    SCL_NO_DATA,
+)
+from hpcsrl.errors import UserError
+from preprocess.scene import BandSource, Scene, SceneSet
+
+gdal.UseExceptions()
+
+
+@contextlib.contextmanager
+def _quiet_gdal() -> Iterator[None]:
+    """GDAL warnings (e.g. about a damaged TIFF) would print beside our one-line error; the
+    exception raised on a real failure carries the message anyway."""
+    gdal.PushErrorHandler("CPLQuietErrorHandler")
+    try:
+        yield
+    finally:
+        gdal.PopErrorHandler()
+
+CLOUD_CLASSES = (SCL_CLOUD_SHADOW, SCL_CLOUD_MEDIUM, SCL_CLOUD_HIGH, SCL_CIRRUS)
+UNLABELLED = 255
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Which datasets the output has, derived once from the SceneSet (the same for every scene)."""
+
+    optical: str | None  # "l2a" (the 12 bands), "rgb" (R, G, B chips) or None
+    s1_bands: tuple[str, ...]
+    patch_size: int
+    n_classes: int
+
+    def image_datasets(self) -> dict[str, tuple[tuple[str, ...], int, np.dtype]]:
+        """Image dataset name -> (band names, native resolution in m, stored dtype)."""
+        out: dict[str, tuple[tuple[str, ...], int, np.dtype]] = {}
+        if self.optical == "l2a":
+            out["data_10m"] = (S2_10M, 10, np.dtype(np.uint16))
+            out["data_20m"] = (S2_20M, 20, np.dtype(np.uint16))
+            out["data_60m"] = (S2_60M, 60, np.dtype(np.uint16))
+            out["data_super"] = (S2_BANDS, 10, np.dtype(np.float32))
+        elif self.optical == "rgb":
+            out["rgb"] = (RGB_BANDS, 10, np.dtype(np.uint8))
+        if self.s1_bands:
+            out["s1"] = (self.s1_bands, 10, np.dtype(np.float32))
+        return out
+
+    def datasets(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+        """Every output dataset: name -> (shape of one row, dtype), in SCHEMA.md terms."""
+        p = self.patch_size
+        out = {name: ((len(bands), p * 10 // res, p * 10 // res), dtype)
+               for name, (bands, res, dtype) in self.image_datasets().items()}
+        out["classes"] = ((self.n_classes,), np.dtype(np.uint8))
+        out["label"] = ((), np.dtype(np.int16))
+        for name in ("scene", "row", "col"):
+            out[name] = ((), np.dtype(np.int32))
+        return out
+
+
+def layout_for(sceneset: SceneSet, patch_size: int) -> Layout:
+    """The output layout of a scene set, or a UserError saying why it cannot be tiled."""
+    s2 = set(sceneset.s2_bands)
+    if set(S2_BANDS) <= s2:
+        optical: str | None = "l2a"
+    elif set(RGB_BANDS) <= s2:
+        optical = "rgb"
+    elif not s2:
+        optical = None
+    else:
+        missing = sorted(set(S2_BANDS) - s2)
+        raise UserError(f"input has Sentinel-2 bands {', '.join(sceneset.s2_bands)}: missing "
+                        f"{', '.join(missing)} (need the 12 L2A bands or R, G, B)")
+    s1 = tuple(b for b in S1_BANDS if b in sceneset.s1_bands)
+    if optical is None and not s1:
+        raise UserError("input has neither Sentinel-2 nor Sentinel-1 bands")
+    if patch_size <= 0:
+        raise UserError(f"--patch-size {patch_size}: must be positive")
+    if optical == "l2a" and patch_size % 6:
+        raise UserError(f"--patch-size {patch_size}: must be a multiple of 6 so that 20 m and "
+                        "60 m windows align (e.g. 120)")
+    return Layout(optical, s1, patch_size, len(sceneset.class_names))
+
+
+def scene_problem(scene: Scene, layout: Layout) -> str | None:
+    """Why `scene` lacks a band the layout needs (None when complete)."""
+    need = [(b, scene.s2) for bands, _, _ in _optical(layout) for b in bands]
+    need += [(b, scene.s1) for b in layout.s1_bands]
+    missing = [b for b, table in need if b not in table]
+    if missing:
+        return f"scene {scene.name}: missing band(s) {', '.join(missing)}"
+    return None
+
+
+def _optical(layout: Layout) -> list[tuple[tuple[str, ...], int, np.dtype]]:
+    return [v for k, v in layout.image_datasets().items() if k != "s1"]
+
+
+# --- pure per-patch functions ----------------------------------------------------------------
+
+def cut_patches(strip: np.ndarray, first_col: int, stop_col: int, size: int) -> np.ndarray:
+    """(C, size, W) strip -> (k, C, size, size) contiguous patches of columns [first, stop)."""
+    c = strip.shape[0]
+    part = strip[:, :, first_col * size:stop_col * size]
+    k = stop_col - first_col
+    return np.ascontiguousarray(part.reshape(c, size, k, size).transpose(2, 0, 1, 3))
+
+
+def cloud_fraction(scl: np.ndarray) -> np.ndarray:
+    """(k, P, P) scene classification -> fraction of cloud / shadow / cirrus pixels per patch."""
+    return np.isin(scl, CLOUD_CLASSES).reshape(len(scl), -1).mean(axis=1)
+
+
+def nodata_fraction(bands: np.ndarray, nodata: float | None,
+                    scl: np.ndarray | None = None) -> np.ndarray:
+    """Fraction of no-data pixels per patch: SCL == 0, or every band == nodata at the pixel.
+
+    `bands` is (k, C, P, P) raw values at 10 m; NaN `nodata` matches NaN pixels.
+    """
+    k = len(bands)
+    mask = np.zeros((k,) + bands.shape[2:], dtype=bool)
+    if nodata is not None and bands.shape[1] > 0:
+        hit = np.isnan(bands) if math.isnan(nodata) else bands == nodata
+        mask |= hit.all(axis=1)
+    if scl is not None:
+        mask |= scl == SCL_NO_DATA
+    return mask.reshape(k, -1).mean(axis=1)
+
+
+def raster_labels(labels: np.ndarray, n_classes: int,
+                  min_fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """(k, P, P) class indices -> (majority label (k,) int16, multi-hot (k, K) uint8).
+
+    Values >= n_classes (255) are unlabelled. Majority ties go to the lower class index; a patch
+    with no labelled pixel gets -1. Multi-hot marks classes covering >= min_fraction of the
+    labelled pixels.
+    """
+    k = len(labels)
+    flat = labels.reshape(k, -1).astype(np.int64)
+    valid = (flat >= 0) & (flat < n_classes)
+    owner = np.broadcast_to(np.arange(k)[:, None], flat.shape)
+    counts = np.bincount((owner * n_classes + flat)[valid],
+                         minlength=k * n_classes).reshape(k, n_classes)
+    total = counts.sum(axis=1)
+    label = np.where(total > 0, counts.argmax(axis=1), -1).astype(np.int16)
+    frac = counts / np.maximum(total, 1)[:, None]
+    multi = ((counts > 0) & (frac >= min_fraction)).astype(np.uint8)
+    return label, multi
+
+
+def scene_labels(classes: tuple[int, ...], n_classes: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Labels of a chip / BigEarthNet patch: the multi-hot of its classes; single label only
+    when it has exactly one class (-1 otherwise)."""
+    multi = np.zeros((k, n_classes), dtype=np.uint8)
+    multi[:, list(classes)] = 1
+    single = classes[0] if len(classes) == 1 else -1
+    return np.full(k, single, dtype=np.int16), multi
+
+
+def to_stored(raw: np.ndarray, src: BandSource, dtype: np.dtype) -> np.ndarray:
+    """Raw DNs -> stored values: (DN + offset) * scale, rounded and clipped for integer dtypes."""
+    if src.offset == 0 and src.scale == 1 and raw.dtype == dtype:
+        return raw
+    value = (raw.astype(np.float64) + src.offset) * src.scale
+    if np.issubdtype(dtype, np.integer):
+        info = np.iinfo(dtype)
+        value = np.clip(np.rint(value), info.min, info.max)
+    return value.astype(dtype)
+
+
+# --- reading a scene -------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class FilterOptions:
+    """Patch filter and label thresholds (fractions in [0, 1])."""
+
+    max_cloud: float = 0.1
+    max_nodata: float = 0.0
+    min_class_fraction: float = 0.05
+
+
+@dataclass
+class Batch:
+    """The kept patches of one strip (arrays keyed by output dataset name) and what was dropped."""
+
+    arrays: dict[str, np.ndarray]
+    n_seen: int
+    dropped_cloud: int = 0
+    dropped_nodata: int = 0
+    n_kept: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.n_kept = len(self.arrays["label"])
+
+
+class SceneTiler:
+    """Open the GDAL sources of one scene once and read patch rows from them."""
+
+    def __init__(self, scene: Scene, scene_index: int, layout: Layout, filt: FilterOptions):
+        self.scene, self.index, self.layout, self.filt = scene, scene_index, layout, filt
+        p = layout.patch_size
+        self.n_cols = scene.width // p
+        self._open: dict[str, gdal.Dataset] = {}
+        problem = scene_problem(scene, layout)
+        if problem:
+            raise UserError(problem)
+        for name, src in self._sources():
+            self._band(name, src)  # open and check sizes up front: errors name the file early
+
+    def _sources(self) -> list[tuple[str, BandSource]]:
+        out = [(b, self.scene.s2[b]) for bands, _, _ in _optical(self.layout) for b in bands]
+        out += [(b, self.scene.s1[b]) for b in self.layout.s1_bands]
+        if self.scene.scl is not None:
+            out.append(("SCL", self.scene.scl))
+        if self.scene.label_raster is not None:
+            out.append(("labels", self.scene.label_raster))
+        return out
+
+    def _band(self, name: str, src: BandSource) -> gdal.Band:
+        """The GDAL band of a source, opened once, with its size checked against the scene."""
+        try:
+            ds = self._open.get(src.path)
+            if ds is None:
+                with _quiet_gdal():
+                    ds = self._open[src.path] = gdal.Open(src.path)
+            band = ds.GetRasterBand(src.band_index)
+        except RuntimeError as exc:
+            raise UserError(f"{src.path}: cannot open band {name} of scene {self.scene.name}: "
+                            f"{str(exc).strip()}") from None
+        if band is None:
+            raise UserError(f"{src.path}: has no band {src.band_index} ({name}, scene "
+                            f"{self.scene.name})")
+        res = src.resolution_m
+        ok = all(abs(n * res - m * 10) < res for n, m in ((band.XSize, self.scene.width),
+                                                           (band.YSize, self.scene.height)))
+        if not ok:
+            raise UserError(
+                f"{src.path}: band {name} is {band.XSize}x{band.YSize} pixels at {res} m, "
+                f"expected {self.scene.width * 10 // res}x{self.scene.height * 10 // res} for "
+                f"scene {self.scene.name} ({self.scene.width}x{self.scene.height} at 10 m)")
+        return band
+
+    def _read(self, name: str, src: BandSource, y0: int, width: int, out_res: int,
+              alg: int, buf_type: int | None = None) -> np.ndarray:
+        """A strip [0, width) x [y0, y0+P) of the 10 m grid, delivered at `out_res` metres."""
+        p = self.layout.patch_size
+        f_src, f_out = src.resolution_m / 10, out_res / 10
+        xoff, yoff = 0, int(round(y0 / f_src))
+        xs, ys = int(round(width / f_src)), int(round(p / f_src))
+        bx, by = int(round(width / f_out)), int(round(p / f_out))
+        band = self._band(name, src)
+        try:
+            kwargs = {"buf_type": buf_type} if buf_type is not None else {}
+            with _quiet_gdal():
+                arr = band.ReadAsArray(xoff, yoff, xs, ys, buf_xsize=bx, buf_ysize=by,
+                                       resample_alg=alg, **kwargs)
+        except RuntimeError as exc:
+            raise UserError(f"{src.path}: read failed for band {name} of scene {self.scene.name}"
+                            f" (rows {yoff}-{yoff + ys}): {str(exc).strip()}") from None
+        if arr is None:
+            raise UserError(f"{src.path}: read failed for band {name} of scene {self.scene.name}")
+        return arr
+
+    def read_row(self, prow: int, first_col: int, stop_col: int) -> Batch:
+        """Patches [first_col, stop_col) of patch row `prow`, filtered and labelled."""
+        p, scene = self.layout.patch_size, self.scene
+        y0, width, k = prow * p, self.n_cols * p, stop_col - first_col
+        near, bil = gdal.GRIORA_NearestNeighbour, gdal.GRIORA_Bilinear
+        raw: dict[str, np.ndarray] = {}  # native reads, shared by data_* and data_super
+        arrays: dict[str, np.ndarray] = {}
+        for dname, (bands, res, dtype) in self.layout.image_datasets().items():
+            if dname == "data_super":
+                continue
+            table = scene.s1 if dname == "s1" else scene.s2
+            for b in bands:
+                raw[b] = self._read(b, table[b], y0, width, res, near)
+            arrays[dname] = np.stack([to_stored(raw[b], table[b], dtype) for b in bands])
+        if self.layout.optical == "l2a":
+            sup = []
+            for b in S2_BANDS:
+                src = scene.s2[b]
+                if src.resolution_m == 10:  # already at 10 m: no resampling
+                    a = raw[b] if b in S2_10M else self._read(b, src, y0, width, 10, near)
+                else:
+                    a = self._read(b, src, y0, width, 10, bil, gdal.GDT_Float32)
+                sup.append(to_stored(a, src, np.dtype(np.float32)))
+            arrays["data_super"] = np.stack(sup)
+        # no-data test on the raw 10 m-native bands: optical ones if any, else SAR
+        nodata_bands = {"l2a": S2_10M, "rgb": RGB_BANDS}.get(self.layout.optical or "",
+                                                           self.layout.s1_bands)
+        tenm_raw = [raw[b] for b in nodata_bands]
+        patches = {name: cut_patches(a, first_col, stop_col, a.shape[1]) for name, a in
+                   arrays.items()}
+        scl = None
+        if scene.scl is not None:
+            scl = cut_patches(self._read("SCL", scene.scl, y0, width, 10, near)[None],
+                              first_col, stop_col, p)[:, 0]
+        raw10 = cut_patches(np.stack(tenm_raw), first_col, stop_col, p)
+        nod = nodata_fraction(raw10, scene.nodata, scl) > self.filt.max_nodata
+        cloudy = ~nod & ((cloud_fraction(scl) > self.filt.max_cloud) if scl is not None
+                         else np.zeros(k, bool))
+        keep = ~nod & ~cloudy
+        if scene.label_raster is not None:
+            lab = cut_patches(self._read("labels", scene.label_raster, y0, width, 10, near)[None],
+                              first_col, stop_col, p)[:, 0]
+            label, multi = raster_labels(lab, self.layout.n_classes, self.filt.min_class_fraction)
+        elif scene.scene_classes is not None:
+            label, multi = scene_labels(scene.scene_classes, self.layout.n_classes, k)
+        else:
+            label = np.full(k, -1, np.int16)
+            multi = np.zeros((k, self.layout.n_classes), np.uint8)
+        out = {name: a[keep] for name, a in patches.items()}
+        out["classes"], out["label"] = multi[keep], label[keep]
+        cols = np.arange(first_col, stop_col, dtype=np.int32)[keep]
+        out["scene"] = np.full(len(cols), self.index, np.int32)
+        out["row"] = np.full(len(cols), y0, np.int32)
+        out["col"] = cols * p
+        return Batch(out, k, int(cloudy.sum()), int(nod.sum()))
+
+    def rows(self, start: int, stop: int) -> Iterator[tuple[int, int, int]]:
+        """(patch row, first col, stop col) covering row-major patch positions [start, stop)."""
+        pos = start
+        while pos < stop:
+            prow, c0 = divmod(pos, self.n_cols)
+            c1 = min(self.n_cols, c0 + stop - pos)
+            yield prow, c0, c1
+            pos += c1 - c0
+
+    def close(self) -> None:
+        self._open.clear()
+
+
+def tile_range(scene: Scene, scene_index: int, start: int, stop: int, layout: Layout,
+               filt: FilterOptions) -> Iterator[Batch]:
+    """Batches (one per patch row) for the scene's patches [start, stop) in row-major order."""
+    tiler = SceneTiler(scene, scene_index, layout, filt)
+    try:
+        for prow, c0, c1 in tiler.rows(start, stop):
+            yield tiler.read_row(prow, c0, c1)
+    finally:
+        tiler.close()
