@@ -24,6 +24,7 @@ from typing import Any
 from hpcsrl.errors import UserError
 from hpcsrl.log import get_logger
 from preprocess import balance, writer
+from preprocess.readers import FORMATS
 from preprocess.scene import Scene, SceneSet
 from preprocess.tiling import FilterOptions, Layout, layout_for, scene_problem, tile_range
 
@@ -45,8 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--patch-size", type=int, default=120,
                    help="patch side at 10 m in pixels; a multiple of 6 for Sentinel-2 "
                    "(default: 120, as BigEarthNet)")
-    p.add_argument("--format", default="auto",
-                   help="input layout for preprocess.readers (default: auto-detect)")
+    p.add_argument("--format", default="auto", choices=("auto", *FORMATS),
+                   help="input layout (default: auto-detect); see preprocess/readers")
     p.add_argument("--max-cloud", type=float, default=0.1,
                    help="drop patches whose cloud/shadow/cirrus fraction (SCL 3, 8, 9, 10) "
                    "exceeds this (default: 0.1)")
@@ -289,29 +290,31 @@ def tile_rank(plan: Plan, output: Path, rank: int, progress: Progress,
                 scene = plan.scenes[rng.scene]
                 stats = writer.BandStats()
                 kept, seen_before = 0, res.seen
-                try:
-                    for batch in tile_range(scene, rng.scene, rng.start, rng.stop, plan.layout,
-                                            filt):
-                        out.append(batch.arrays)
-                        kept += batch.n_kept
-                        for name in plan.layout.image_datasets():
-                            stats.add(name, batch.arrays[name])
-                        res.seen += batch.n_seen
-                        res.dropped_cloud += batch.dropped_cloud
-                        res.dropped_nodata += batch.dropped_nodata
-                        if fault is not None and res.seen >= fault:
-                            os.kill(os.getpid(), signal.SIGKILL)
-                        progress.update(res.seen)
-                        if progress.should_stop():
-                            raise _Stopped()
-                except (_Stopped, KeyboardInterrupt):
-                    raise
-                except Exception as exc:  # noqa: BLE001 - any failure must name the scene
-                    msg = _describe(exc, scene)
-                    if not skip_bad:
-                        raise UserError(msg) from None
-                    res.bad[rng.scene] = msg
-                    res.seen = seen_before + rng.size  # the bar counts the range as done
+                batches = tile_range(scene, rng.scene, rng.start, rng.stop, plan.layout, filt)
+                while True:
+                    try:  # failures of reading/tiling name the scene; writing errors do not
+                        batch = next(batches, None)
+                    except Exception as exc:  # noqa: BLE001 - any failure must name the scene
+                        msg = _describe(exc, scene)
+                        if not skip_bad:
+                            raise UserError(msg) from None
+                        res.bad[rng.scene] = msg  # rows written so far stay unmapped
+                        res.seen = seen_before + rng.size  # the bar counts the range as done
+                        break
+                    if batch is None:
+                        break
+                    out.append(batch.arrays)
+                    kept += batch.n_kept
+                    for name in plan.layout.image_datasets():
+                        stats.add(name, batch.arrays[name])
+                    res.seen += batch.n_seen
+                    res.dropped_cloud += batch.dropped_cloud
+                    res.dropped_nodata += batch.dropped_nodata
+                    if fault is not None and res.seen >= fault:
+                        os.kill(os.getpid(), signal.SIGKILL)
+                    progress.update(res.seen)
+                    if progress.should_stop():
+                        raise _Stopped()
                 res.kept.append(kept)
                 res.stats.append(stats.data)
         finally:
@@ -482,7 +485,8 @@ def run(comm, args: argparse.Namespace, discover=None) -> int:
         result = RankResult(rank, error=str(exc))
         progress.update(progress.last, final=True, failed=True)
     except Exception as exc:  # noqa: BLE001 - e.g. disk full while writing the shard
-        result = RankResult(rank, error=f"rank {rank}: {type(exc).__name__}: {exc}")
+        result = RankResult(rank, error=f"rank {rank} (shard {writer.shard_path(args.output, rank)}"
+                            f"): {type(exc).__name__}: {exc}")
         progress.update(progress.last, final=True, failed=True)
     if rank == 0:
         progress.wait_all()

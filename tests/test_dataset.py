@@ -186,3 +186,34 @@ def test_unreadable_file_is_a_user_error(tmp_path):
     bad.write_bytes(b"not hdf5")
     with pytest.raises(UserError, match="bad.h5"):
         PatchDataset(bad)
+
+
+def test_missing_virtual_source_is_refused(tmp_path):
+    shard = tmp_path / "m.h5.shards" / "rank-0000.h5"
+    shard.parent.mkdir()
+    data = make_patch_file(shard, s1=False)
+    master = tmp_path / "m.h5"
+    with h5py.File(shard) as src, h5py.File(master, "w") as f:
+        for name in src:
+            vl = h5py.VirtualLayout(shape=src[name].shape, dtype=src[name].dtype)
+            vl[:] = h5py.VirtualSource("m.h5.shards/rank-0000.h5", name, shape=src[name].shape)
+            f.create_virtual_dataset(name, vl)
+        f.attrs.update(src.attrs)
+    x, _ = PatchDataset(master)[1]  # read through the virtual dataset
+    np.testing.assert_allclose(x.numpy(), expected(data, "data_super", 1, list(range(12))),
+                               rtol=1e-4, atol=1e-4)
+    shard.unlink()
+    with pytest.raises(UserError, match="rank-0000.h5 is missing"):
+        PatchDataset(master)
+
+
+def test_single_polarisation_s1(tmp_path):
+    path = tmp_path / "vv.h5"
+    with h5py.File(path, "w") as f:
+        f["s1"] = np.ones((2, 1, P, P), np.float32)
+        f.attrs["s1_bands"] = ["VV"]
+        f.attrs["mean_s1"], f.attrs["std_s1"] = [0.5], [2.0]
+        f["label"] = np.zeros(2, np.int16)
+    ds = PatchDataset(path, bands="s1")
+    assert ds.band_names == ("VV",) and ds.channels == 1
+    assert torch.allclose(ds[0][0], torch.full((1, P, P), 0.25))

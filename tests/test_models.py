@@ -9,8 +9,7 @@ import pytest
 import torch
 
 from hpcsrl.errors import UserError
-from hpcsrl.models.registry import (METHODS, build_method, model_from_checkpoint,
-                                    model_from_config)
+from hpcsrl.models.registry import METHODS, build_method, model_from_checkpoint, model_from_config
 from hpcsrl.models.resnet import ResNet
 from hpcsrl.models.units import run_units
 from hpcsrl.train.checkpoint import write_checkpoint

@@ -41,16 +41,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=32, help="same batch for every method")
     p.add_argument("--input-size", type=int, default=64, help="view side (px), same for all")
     p.add_argument("--warmup", type=int, default=2, help="untimed iterations per method")
-    p.add_argument("--rounds", type=int, default=7, help="timed round-robin iterations per method")
+    p.add_argument("--rounds", type=int, default=5, help="timed round-robin iterations per method")
     p.add_argument("--memory-steps", type=int, default=3, help="training steps per memory probe")
     p.add_argument("--pretrain-epochs", type=int, default=1, help="equal budget for every method")
-    p.add_argument("--pretrain-samples", type=int, default=2000,
+    p.add_argument("--pretrain-samples", type=int, default=512,
                    help="patches used for pre-training (0 = all)")
-    p.add_argument("--eval-samples", type=int, default=3000,
+    p.add_argument("--eval-samples", type=int, default=1500,
                    help="stratified subsample for the evaluation (0 = all labelled)")
     p.add_argument("--label-fractions", default="0.1,0.2")
     p.add_argument("--probe-epochs", type=int, default=100, help="linear probe epochs")
-    p.add_argument("--finetune-epochs", type=int, default=3, help="fine-tune epochs")
+    p.add_argument("--finetune-epochs", type=int, default=1, help="fine-tune epochs")
     p.add_argument("--skip-accuracy", action="store_true", help="only params, time and memory")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 on a shared machine)")
     p.add_argument("--seed", type=int, default=0)

@@ -23,16 +23,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mode", choices=("freeze", "finetune", "both"), default="both",
                    help="freeze: linear classifier on the frozen encoder; finetune: whole network")
     p.add_argument("--label-fractions", default="0.1,0.2,0.5",
-                   help="comma-separated fractions of the non-test samples used as labels")
-    p.add_argument("--test-fraction", type=float, default=0.2, help="held-out stratified test set")
-    p.add_argument("--epochs", type=int, default=PAPER_EPOCHS, help="classifier training epochs")
+                   help="comma-separated fractions of the non-test samples used as labels "
+                   "(default 0.1,0.2,0.5; nested)")
+    p.add_argument("--test-fraction", type=float, default=0.2,
+                   help="held-out stratified test set (default 0.2)")
+    p.add_argument("--epochs", type=int, default=PAPER_EPOCHS,
+                   help="classifier training epochs (default 200, the paper's)")
     p.add_argument("--finetune-epochs", type=int, default=None,
                    help="epochs of the (much slower) fine-tune runs; default: --epochs")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate of the linear head")
+    p.add_argument("--batch-size", type=int, default=64, help="(default 64, the paper's)")
+    p.add_argument("--lr", type=float, default=1e-3,
+                   help="Adam learning rate of the linear head (default 1e-3)")
     p.add_argument("--encoder-lr", type=float, default=1e-4,
-                   help="Adam learning rate of the encoder when fine-tuning")
-    p.add_argument("--weight-decay", type=float, default=0.0)
+                   help="Adam learning rate of the encoder when fine-tuning (default 1e-4)")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="Adam weight decay (default 0)")
     p.add_argument("--no-augment", action="store_true",
                    help="no flips/rotations while fine-tuning")
     p.add_argument("--seed", type=int, default=0, help="split, initialisation and shuffling seed")
@@ -47,7 +51,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-knn-floor", action="store_true",
                    help="skip the channel-statistics k-NN rows")
     p.add_argument("--no-tsne", action="store_true", help="skip the t-SNE plots")
-    p.add_argument("--tsne-points", type=int, default=2000, help="t-SNE subsample size")
+    p.add_argument("--tsne-points", type=int, default=2000,
+                   help="t-SNE subsample size (default 2000)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch compute threads (1 when several jobs share the machine)")
     p.add_argument("--out", required=True, help="output folder for report.csv and plots")

@@ -29,20 +29,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"one of {', '.join(METHOD_NAMES)} (default lite-srl)")
     p.add_argument("--backbone", default="resnet18",
                    help=f"one of {', '.join(BACKBONE_NAMES)} (default resnet18)")
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--input-size", type=int, default=64, help="side of the augmented views (px)")
+    p.add_argument("--epochs", type=int, default=10, help="passes over the data (default 10)")
+    p.add_argument("--batch-size", type=int, default=64, help="patches per step (default 64)")
+    p.add_argument("--input-size", type=int, default=64,
+                   help="side of the augmented views in pixels (default 64)")
     p.add_argument("--out", required=True, help="output folder: checkpoint.pt, log.csv")
     p.add_argument("--resume", action="store_true",
                    help="continue from OUT/checkpoint.pt (starts fresh when there is none)")
     p.add_argument("--lr", type=float, default=None,
                    help="base learning rate (default 0.05 x batch / 256), cosine-decayed")
-    p.add_argument("--weight-decay", type=float, default=1e-4)
-    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    p.add_argument("--weight-decay", type=float, default=1e-4,
+                   help="SGD weight decay (default 1e-4)")
+    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default 0.9)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch compute threads (default 1 under MPI/Slurm, else all cores)")
-    p.add_argument("--workers", type=int, default=0, help="DataLoader reader processes")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=0,
+                   help="DataLoader reader processes (default 0: read in this process)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seeds model init, data order and augmentations (default 0)")
     p.add_argument("--limit", type=int, default=None, help="use at most N patches")
     p.add_argument("--monitor-samples", type=int, default=512,
                    help="patches for the collapse / k-NN monitor (half held out when labelled)")

@@ -96,6 +96,11 @@ class PatchDataset(Dataset):
             raise UserError(f"{self.path}: band set {self.bands!r} needs dataset(s) "
                             f"{', '.join(missing)}, absent; this file has band sets: "
                             f"{', '.join(have)}")
+        if "s1" in names:  # S1 may carry VV only (e.g. single-polarisation scenes)
+            n_s1 = f["s1"].shape[1]
+            s1_names = tuple(_str_list(f.attrs.get("s1_bands"))) or S1_BANDS[:n_s1]
+            self._parts = [_Part("s1", slice(0, n_s1), False, s1_names[:n_s1])
+                           if p.dataset == "s1" else p for p in self._parts]
         for p in self._parts:
             self._check_sources(f[p.dataset])
         n_file = f[self._parts[0].dataset].shape[0]
@@ -134,7 +139,7 @@ class PatchDataset(Dataset):
         self.has_labels = bool((self.labels >= 0).any())
         self.sensor = {"s1": "sar", "s1s2": "s1s2"}.get(self.bands, "optical")
         self.modality_channels: dict[str, slice] = (
-            {"s2": slice(0, 12), "s1": slice(12, 14)} if self.bands == "s1s2" else {})
+            {"s2": slice(0, 12), "s1": slice(12, self.channels)} if self.bands == "s1s2" else {})
 
     def _check_sources(self, ds: h5py.Dataset) -> None:
         """A virtual dataset whose shard is missing would silently read zeros: refuse early."""

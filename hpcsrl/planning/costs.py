@@ -98,15 +98,15 @@ def bounds_of(cuts: Sequence[int], q: int) -> list[int]:
 def imbalance_ratio(costs: Costs, cuts: Sequence[int]) -> tuple[int, int]:
     """D = sum_i (T_i/T_all - 1/n)^2 as an exact (numerator, denominator); E = -ln(D/n).
 
-    With Q = sum T_i^2 and S = sum T_i: D * n * T_all^2 = n*Q - 2*S*T_all + T_all^2.
+    With S = sum T_i, X = T_all - S and W = sum_i (n T_i - S)^2:
+    D = (W + n X^2) / (n^2 T_all^2), a sum of non-negative terms (no cancellation).
     """
     b = bounds_of(cuts, costs.q)
     n = len(b) - 1
     t = [costs.compute(b[i], b[i + 1]) for i in range(n)]
     s = sum(t)
-    t_all = s + 2 * sum(costs.cut[c] for c in cuts)
-    num = n * sum(x * x for x in t) - 2 * s * t_all + t_all * t_all
-    return num, n * t_all * t_all
+    x = 2 * sum(costs.cut[c] for c in cuts)
+    return sum((n * ti - s) ** 2 for ti in t) + n * x * x, n * n * (s + x) ** 2
 
 
 def utilization_index(num: int, den: int, n: int) -> float:
@@ -126,19 +126,23 @@ def rate(num: int, den: int) -> Fraction | float:
     return math.inf if den == 0 else Fraction(num, den)
 
 
+def stage_bound(costs: Costs, cuts: Sequence[int], replicas: Sequence[int],
+                budgets: Sequence[int], in_flight: int | None, i: int) -> Fraction | float:
+    """Stage i's term of the throughput bound, in mini-batches per picosecond."""
+    bnd = bounds_of(cuts, costs.q)
+    a, b, r = bnd[i], bnd[i + 1], replicas[i]
+    term = rate(r, stage_latency(costs, bnd, i))
+    if in_flight is not None:
+        k = costs.in_flight(a, b, budgets[i], in_flight)
+        term = min(term * k, rate(r, costs.compute(a, b) + costs.edge(a, b)))
+    return term
+
+
 def throughput_bound(costs: Costs, cuts: Sequence[int], replicas: Sequence[int],
                      budgets: Sequence[int], in_flight: int | None) -> Fraction | float:
     """min_i r_i/L_i, or with k in flight min_i min(k_i r_i/L_i, r_i/(T_i+X_i)); per picosecond."""
-    bnd = bounds_of(cuts, costs.q)
-    best: Fraction | float = math.inf
-    for i, r in enumerate(replicas):
-        a, b = bnd[i], bnd[i + 1]
-        term = rate(r, stage_latency(costs, bnd, i))
-        if in_flight is not None:
-            k = costs.in_flight(a, b, budgets[i], in_flight)
-            term = min(term * k, rate(r, costs.compute(a, b) + costs.edge(a, b)))
-        best = min(best, term)
-    return best
+    return min(stage_bound(costs, cuts, replicas, budgets, in_flight, i)
+               for i in range(len(replicas)))
 
 
 def per_second(bound_per_ps: Fraction | float) -> float:

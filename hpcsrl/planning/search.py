@@ -11,9 +11,12 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from fractions import Fraction
+
+import numpy as np
 
 from hpcsrl.errors import UserError
-from hpcsrl.planning.costs import Costs
+from hpcsrl.planning.costs import Costs, stage_bound, throughput_bound
 from hpcsrl.planning.quantities import format_bytes
 
 INF = math.inf
@@ -130,97 +133,118 @@ def search_bottleneck(costs: Costs, budgets: Sequence[int]) -> tuple[list[int], 
 # --------------------------------------------------------------------------- utilisation
 
 
-def _lower_bound(qq: int, s: int, n: int, t_lo: int, t_hi: int) -> tuple[int, int]:
-    """min over T in [t_lo, t_hi] of D(Q, T) = (nQ - 2ST + T^2)/(nT^2), for any final Q >= qq.
+GRID = 512  # buckets of the transfer axis in the utilisation bound tables
 
-    D is increasing in Q at fixed T, and in u = 1/T a convex parabola with vertex u* = S/(nQ).
+
+def _min_index(w: np.ndarray, s: int, n: int, x_lo: np.ndarray, x_hi: np.ndarray) -> float:
+    """Smallest D = (W + n X^2) / (n^2 (S + X)^2) over X in [x_lo, x_hi], per bucket, minimised.
+
+    At fixed X, D grows with W; in X it falls until X* = W/(nS) and rises after, so each bucket's
+    minimum sits at X* clamped into its interval. All terms are positive: no cancellation.
     """
-    if t_lo * s <= n * qq <= t_hi * s:
-        return n * qq - s * s, n * n * qq
-    t = t_lo if n * qq < t_lo * s else t_hi
-    return n * qq - 2 * s * t + t * t, n * t * t
+    x = np.clip(w / (n * s), x_lo, x_hi)
+    return float(np.min((w + n * x * x) / (n * n * (s + x) ** 2)))
 
 
 def search_utilization(costs: Costs, budgets: Sequence[int]) -> tuple[list[int], tuple[int, int]]:
     """Maximise E (minimise D) exactly; returns (cuts, (D numerator, D denominator)).
 
-    D depends on the compute split only through Q = sum T_i^2 and on the cuts through the total
-    transfer X (T_all = S + X). For a fixed X, D grows with Q, so per state (k stages done, next
-    unit j) one label per distinct X keeps the smallest Q: a DP over (k, j, X). Labels whose
-    optimistic bound (smallest completable Q, T_all anywhere in its reachable range) is worse
-    than a known plan are dropped, which keeps the label sets small.
+    With S = sum T_i, X the total transfer and W = sum_i (n T_i - S)^2 (additive over stages),
+    D = sum_i (T_i/T_all - 1/n)^2 = (W + n X^2) / (n^2 (S + X)^2): for a fixed X it grows with W.
+    So per state (k stages done, next unit j) one label per distinct X with the smallest W is
+    enough: a DP over (k, j, X) in exact integers. To keep it small, a label is dropped when a
+    lower bound on every completion's D is worse than a known plan. The bound uses suffix tables
+    of the smallest W per bucket of transfer (X rounded down to a grid, so each bucket's true X
+    range is known); the same tables give a near-optimal starting plan.
     """
     feas = require_feasible(costs, budgets)
     q, n, s = costs.q, len(budgets), costs.total_time
     cut2 = [2 * c for c in costs.cut]
     hi, ok = feas.hi, feas.ok
 
-    # Suffix tables for stages k..n-1 from unit a: min sum of squares, min/max transfer.
-    qmin = [[INF] * (q + 1) for _ in range(n + 1)]
-    xmin = [[INF] * (q + 1) for _ in range(n + 1)]
-    xmax = [[-1] * (q + 1) for _ in range(n + 1)]
-    arg = [[-1] * (q + 1) for _ in range(n + 1)]
-    qmin[n][q], xmin[n][q], xmax[n][q] = 0, 0, 0
+    def w_of(a: int, b: int) -> int:
+        d = n * costs.compute(a, b) - s
+        return d * d
+
+    # Grid for the transfer axis: every suffix's X lies in [g*delta, (g + cuts)*delta].
+    x_top = sum(sorted(cut2)[-(n - 1):]) if n > 1 else 0
+    delta = max(1, -(-x_top // GRID))
+    fl = [c // delta for c in cut2]
+    size = x_top // delta + 2
+    inf = np.full(size, np.inf)
+    table: list[dict[int, np.ndarray]] = [{} for _ in range(n + 1)]
+    arg: list[dict[int, np.ndarray]] = [{} for _ in range(n + 1)]
+    table[n][q] = inf.copy()
+    table[n][q][0] = 0.0
     for k in range(n - 1, -1, -1):
         for a in range(q - 1, -1, -1):
-            if not ok[k][a]:
+            if not ok[k][a] or (k == 0) != (a == 0):
                 continue
-            here = cut2[a] if a > 0 else 0
-            for b in range(a + 1, hi[k][a] + 1):
-                if not ok[k + 1][b]:
-                    continue
-                t = costs.compute(a, b)
-                val = t * t + qmin[k + 1][b]
-                if val < qmin[k][a]:
-                    qmin[k][a], arg[k][a] = val, b
-                xmin[k][a] = min(xmin[k][a], here + xmin[k + 1][b])
-                xmax[k][a] = max(xmax[k][a], here + xmax[k + 1][b])
+            bs = [b for b in range(a + 1, hi[k][a] + 1) if ok[k + 1][b]]
+            stack = np.stack([table[k + 1][b] + float(w_of(a, b)) for b in bs])
+            pick = np.argmin(stack, axis=0)
+            acc = stack[pick, np.arange(size)]
+            shift = fl[a] if a > 0 else 0
+            row = inf.copy()
+            if shift < size:
+                row[shift:] = acc[:size - shift]
+            table[k][a] = row
+            arg[k][a] = np.asarray(bs)[pick]
 
-    def ratio(cuts: Sequence[int], qq: int) -> tuple[int, int]:
-        t_all = s + sum(cut2[c] for c in cuts)
-        return n * qq - 2 * s * t_all + t_all * t_all, n * t_all * t_all
+    def exact(cuts: Sequence[int], w: int) -> tuple[int, int]:
+        x = sum(cut2[c] for c in cuts)
+        return w + n * x * x, n * n * (s + x) ** 2
 
-    # Incumbent: the plan with the most even compute split (min Q), whatever its transfer.
-    cuts0, a = [], 0
-    for k in range(n - 1):
-        a = arg[k][a]
-        cuts0.append(a)
-    inc_num, inc_den = ratio(cuts0, int(qmin[0][0]))
+    # Starting plan: the smallest-W plan of every transfer bucket, evaluated exactly.
+    inc: tuple[int, int] | None = None
+    for g in np.flatnonzero(np.isfinite(table[0][0])):
+        cuts, a, gg, w = [], 0, int(g), 0
+        for k in range(n):
+            gg -= fl[a] if a > 0 else 0
+            b = int(arg[k][a][gg])
+            w += w_of(a, b)
+            if b < q:
+                cuts.append(b)
+            a = b
+        cand = exact(cuts, w)
+        if inc is None or cand[0] * inc[1] < inc[0] * cand[1]:
+            inc = cand
+    assert inc is not None, "feasible problem must have a plan"
+    inc_f = inc[0] / inc[1] * (1 + 1e-9)  # float slack: never drop a plan tying the incumbent
+
+    # Bucket intervals per suffix state: X of the suffix from (k, b) in [g*delta, (g+m)*delta].
+    grid = np.arange(size, dtype=float) * delta
+
     best: tuple[int, int, tuple[int, ...]] | None = None
-
-    labels: list[dict[int, tuple[int, tuple[int, ...]]]] = [{0: (0, ())}] + [{}] * q
+    labels: dict[int, dict[int, tuple[int, tuple[int, ...]]]] = {0: {0: (0, ())}}
     for k in range(n):
-        new: list[dict[int, tuple[int, tuple[int, ...]]]] = [{} for _ in range(q + 1)]
+        new: dict[int, dict[int, tuple[int, tuple[int, ...]]]] = {}
         last = k == n - 1
-        for j in range(q):
-            if not labels[j] or not ok[k][j]:
-                continue
+        m = n - k - 1  # cuts in a suffix starting after this stage
+        for j, here in sorted(labels.items()):
             add_x = cut2[j] if j > 0 else 0
-            b_range = [q] if last else [b for b in range(j + 1, hi[k][j] + 1) if ok[k + 1][b]]
+            bs = [q] if last else [b for b in range(j + 1, hi[k][j] + 1) if ok[k + 1][b]]
             if last and hi[k][j] < q:
                 continue
-            for x0, (q0, cuts) in labels[j].items():
+            for x0, (w0, cuts) in here.items():
                 x = x0 + add_x
                 ext = (*cuts, j) if j > 0 else cuts
-                for b in b_range:
-                    t = costs.compute(j, b)
-                    qq = q0 + t * t
+                for b in bs:
+                    w = w0 + w_of(j, b)
                     if last:
-                        num, den = ratio(ext, qq)
+                        num, den = exact(ext, w)
                         if best is None or num * best[1] < best[0] * den or (
                                 num * best[1] == best[0] * den and ext < best[2]):
                             best = (num, den, ext)
-                            if num * inc_den < inc_num * den:
-                                inc_num, inc_den = num, den
                         continue
-                    lb_num, lb_den = _lower_bound(qq + int(qmin[k + 1][b]), s, n,
-                                                  s + x + int(xmin[k + 1][b]),
-                                                  s + x + int(xmax[k + 1][b]))
-                    if lb_num * inc_den > inc_num * lb_den:
-                        continue  # cannot reach the incumbent, let alone beat it
-                    old = new[b].get(x)
-                    if old is None or qq < old[0] or (qq == old[0] and ext < old[1]):
-                        new[b][x] = (qq, ext)
+                    rest = table[k + 1][b]
+                    lb = _min_index(w + rest, s, n, x + grid, x + grid + m * delta)
+                    if lb > inc_f:
+                        continue  # no completion can reach the incumbent, let alone beat it
+                    slot = new.setdefault(b, {})
+                    old = slot.get(x)
+                    if old is None or w < old[0] or (w == old[0] and ext < old[1]):
+                        slot[x] = (w, ext)
         labels = new
     assert best is not None, "feasible problem must yield a plan"
     return list(best[2]), (best[0], best[1])
@@ -266,6 +290,13 @@ def search_throughput(costs: Costs, budgets: Sequence[int], total: int,
             term = _min_ratio((kk * r, tail[a] + x_r), (r, costs.compute(a, b) + costs.edge(a, b)))
         return term
 
+    # A known plan: the bottleneck-optimal cuts with their best replicas. Suffix plans that
+    # cannot reach its bound are dropped below (ties are kept, so no optimum is lost).
+    cuts0, _ = search_bottleneck(costs, budgets)
+    reps0 = best_replicas(costs, cuts0, budgets, total, in_flight)
+    known = _as_ratio(throughput_bound(costs, cuts0, reps0, budgets, in_flight))
+    k_max = in_flight or 1
+
     # front[k][a][m]: list of (bound, x_r) Pareto-optimal, sorted by bound descending.
     Front = list[tuple[tuple[int, int], int]]
     front: list[list[dict[int, Front]]] = [[{} for _ in range(q + 1)] for _ in range(n + 1)]
@@ -273,7 +304,7 @@ def search_throughput(costs: Costs, budgets: Sequence[int], total: int,
     for k in range(n - 1, -1, -1):
         rest = n - k - 1  # stages after this one, each needing >= 1 device
         for a in range(q - 1, -1, -1):
-            if not ok[k][a]:
+            if not ok[k][a] or (k == 0) != (a == 0):
                 continue
             for m in range(rest + 1, total - k + 1):
                 cands: list[tuple[tuple[int, int], int]] = []
@@ -283,9 +314,17 @@ def search_throughput(costs: Costs, budgets: Sequence[int], total: int,
                     x_add = cut2[b] if b < q else 0
                     for r in range(1, m - rest + 1):
                         for bound, x_r in front[k + 1][b].get(m - r, ()):
+                            if _less(bound, known):
+                                break  # sorted by bound: the rest are lower still
                             x_new = x_r + x_add
-                            cands.append((_min_ratio(bound, stage_term(k, a, b, r, x_new)),
-                                          x_new))
+                            val = _min_ratio(bound, stage_term(k, a, b, r, x_new))
+                            if k > 0:
+                                # the k earlier stages share total - m nodes and each has
+                                # L >= tail[a] + cut2[a] + x_new: min r_i/L_i <= mediant
+                                val = _min_ratio(val, (k_max * (total - m),
+                                                       k * (tail[a] + cut2[a] + x_new)))
+                            if not _less(val, known):
+                                cands.append((val, x_new))
                 front[k][a][m] = _pareto(cands)
     top = front[0][0].get(total)
     assert top, "feasible problem must yield a plan"
@@ -327,6 +366,26 @@ def search_throughput(costs: Costs, budgets: Sequence[int], total: int,
                 break
         assert found, "greedy rebuild must follow an optimal plan"
     return cuts, reps, best
+
+
+def best_replicas(costs: Costs, cuts: Sequence[int], budgets: Sequence[int], total: int,
+                  in_flight: int | None = None) -> list[int]:
+    """Optimal replicas for fixed cuts: give each extra node to the currently limiting stage.
+
+    Every stage's term grows with its own replicas only, so this greedy maximises the minimum.
+    """
+    n = len(cuts) + 1
+    reps = [1] * n
+    for _ in range(total - n):
+        terms = [stage_bound(costs, cuts, reps, budgets, in_flight, i) for i in range(n)]
+        reps[terms.index(min(terms))] += 1
+    return reps
+
+
+def _as_ratio(value: Fraction | float) -> tuple[int, int]:
+    if value == math.inf:
+        return (1, 0)
+    return (value.numerator, value.denominator)
 
 
 def _pareto(cands: list[tuple[tuple[int, int], int]]) -> list[tuple[tuple[int, int], int]]:

@@ -19,6 +19,7 @@ import argparse
 import contextlib
 import ctypes
 import os
+import random
 import shutil
 import signal
 import socket
@@ -73,11 +74,17 @@ def free_ports(count: int) -> list[int]:
 
 
 def render_slurm_conf(*, root: Path, node: str, cpus: int, memory_mb: int, ctld_port: int,
-                      slurmd_port: int, munge_socket: Path, partition: str = "debug") -> str:
+                      slurmd_port: int, munge_socket: Path, partition: str = "debug",
+                      min_job_age: int = 5, first_job_id: int = 1) -> str:
     """slurm.conf for one node without systemd, cgroups or accounting; all paths under `root`.
 
     `SlurmdParameters=config_overrides` makes slurmd report the configured `cpus` instead of the
     cores it finds, so jobs with more tasks than the machine has cores can still be scheduled.
+    `sbatch --wait` polls every 2 s but quadruples its interval (up to 32 s) while that stays below
+    MinJobAge/2; a MinJobAge of 4-5 s keeps it at 2 s, so a test job is not waited on 30 s longer
+    than it runs. Finished jobs stay queryable for MinJobAge up to the next purge (about 60 s).
+    Clusters side by side need different `first_job_id`s: OpenMPI names its shared-memory files
+    after the PMIx namespace, which holds the job id, so two "job 1"s would clobber each other.
     """
     lines = {
         "ClusterName": "hpcsrl-test",
@@ -100,7 +107,8 @@ def render_slurm_conf(*, root: Path, node: str, cpus: int, memory_mb: int, ctld_
         "SelectTypeParameters": "CR_Core",
         "SlurmdParameters": "config_overrides",
         "ReturnToService": 2,
-        "MinJobAge": 300,
+        "MinJobAge": min_job_age,
+        "FirstJobId": first_job_id,
         "KillWait": 5,
         "InactiveLimit": 0,
         "StateSaveLocation": root / "state",
@@ -122,7 +130,7 @@ def render_slurm_conf(*, root: Path, node: str, cpus: int, memory_mb: int, ctld_
 
 
 def _die_with_parent() -> None:
-    """In the child before exec: get SIGTERM if the test process dies, so no daemon is orphaned."""
+    """In the child before exec: SIGTERM when the starting thread dies, so no daemon is orphaned."""
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
@@ -226,7 +234,8 @@ class SlurmCluster:
         raise SlurmClusterError(f"timed out after {timeout:.0f} s waiting for {what}\n"
                                 f"{self.diagnostics()}")
 
-    def _probe(self, args: Sequence[str]) -> str:
+    def query(self, args: Sequence[str]) -> str:
+        """stdout of a client command against this cluster, or "" when it hangs (for polling)."""
         try:
             p = subprocess.run(list(args), capture_output=True, text=True, timeout=10,
                                env=self.env)
@@ -243,13 +252,13 @@ class SlurmCluster:
 
     def cancel_jobs(self, timeout: float = 20) -> None:
         """Cancel every job of this cluster and wait (bounded) until the queue is empty."""
-        ids = self._probe(["squeue", "-h", "-o", "%i"]).split()
+        ids = self.query(["squeue", "-h", "-o", "%i"]).split()
         if not ids:
             return
         subprocess.run(["scancel", *ids], capture_output=True, timeout=10, env=self.env)
         with contextlib.suppress(SlurmClusterError):
             self.wait_for("cancelled jobs to leave the queue",
-                          lambda: not self._probe(["squeue", "-h", "-o", "%i"]).split(), timeout)
+                          lambda: not self.query(["squeue", "-h", "-o", "%i"]).split(), timeout)
 
     def stop(self, grace: float = 10) -> None:
         """Stop the daemons this object started (slurmd, slurmctld, munged), by PID only."""
@@ -302,10 +311,11 @@ def slurm_cluster(cpus: int = 4, memory_mb: int = 2000, workdir: str | os.PathLi
     node = socket.gethostname().split(".")[0]
     munge_socket = root / "munge" / "munge.socket"
     ctld_port, slurmd_port = free_ports(2)
+    first_job_id = random.SystemRandom().randrange(10_000, 60_000_000)
     conf = root / "slurm.conf"
     conf.write_text(render_slurm_conf(root=root, node=node, cpus=cpus, memory_mb=memory_mb,
                                       ctld_port=ctld_port, slurmd_port=slurmd_port,
-                                      munge_socket=munge_socket))
+                                      munge_socket=munge_socket, first_job_id=first_job_id))
     (root / "plugstack.conf").write_text("")
     env = dict(os.environ, SLURM_CONF=str(conf))
     env["PATH"] = os.pathsep.join([env.get("PATH", ""), *SBIN])
@@ -323,10 +333,10 @@ def slurm_cluster(cpus: int = 4, memory_mb: int = 2000, workdir: str | os.PathLi
         cluster.wait_for("munged's socket", munge_socket.exists, start_timeout)
         cluster.start_daemon("slurmctld", [find_binary("slurmctld"), "-D", "-i", "-f", str(conf)])
         cluster.wait_for("`scontrol ping` to report UP",
-                         lambda: " is UP" in cluster._probe(["scontrol", "ping"]), start_timeout)
+                         lambda: " is UP" in cluster.query(["scontrol", "ping"]), start_timeout)
         cluster.start_daemon("slurmd", [find_binary("slurmd"), "-D", "-N", node, "-f", str(conf)])
         cluster.wait_for(f"node {node} to be idle in sinfo",
-                         lambda: cluster._probe(["sinfo", "-h", "-n", node, "-o", "%T"]).strip()
+                         lambda: cluster.query(["sinfo", "-h", "-n", node, "-o", "%T"]).strip()
                          == "idle", start_timeout)
         os.environ["SLURM_CONF"] = str(conf)
         yield cluster

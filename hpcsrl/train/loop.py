@@ -83,21 +83,22 @@ def split_indices(n: int, labels: np.ndarray | None, cfg: PretrainConfig
                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(train, monitor, knn bank, knn query) dataset positions.
 
-    The monitor set is a fixed random sample; with labels, half of its labelled patches form the
-    k-NN bank and the other half the query set, which is held out of training.
+    The monitor set is a fixed random sample of the whole file; with labels, half of its labelled
+    patches form the k-NN bank and the other half the query set, which is held out of training.
+    `limit` caps the training patches (drawn at random from the rest).
     """
     rng = np.random.default_rng(_seed_for(cfg.seed, 7))
     order = rng.permutation(n)
-    if cfg.limit is not None:
-        order = order[:cfg.limit]
-    monitor_idx = np.sort(order[:min(cfg.monitor_samples, len(order))])
+    monitor_idx = np.sort(order[:min(cfg.monitor_samples, n)])
     bank = query = np.zeros(0, dtype=np.int64)
     if labels is not None:
         labelled = monitor_idx[labels[monitor_idx] >= 0]
         if len(labelled) >= 4:
             bank, query = labelled[::2], labelled[1::2]
-    train = np.sort(np.setdiff1d(order, query))
-    return train, monitor_idx, bank, query
+    train = order[~np.isin(order, query)]
+    if cfg.limit is not None:
+        train = train[:cfg.limit]
+    return np.sort(train), monitor_idx, bank, query
 
 
 def epoch_batches(train: np.ndarray, batch_size: int, seed: int, epoch: int) -> list[np.ndarray]:

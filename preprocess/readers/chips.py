@@ -65,7 +65,7 @@ def read(root: Path, *, skip_bad: bool = False, exclude: frozenset[str] = frozen
         return Scene(name=f"{cls}/{path.stem}", width=info.width, height=info.height,
                      crs_wkt=info.crs_wkt, geotransform=gt,
                      s2={n: BandSource(str(path), i, 10) for n, i in names.items()},
-                     scene_classes=(index[cls],))
+                     scene_classes=(index[cls],), nodata=None)  # black pixels are data in chips
 
     with gdal_config(GDAL_DISABLE_READDIR_ON_OPEN="EMPTY_DIR"):
         scenes, skipped = collect(chips, build, skip_bad, progress, desc="chips")

@@ -16,10 +16,11 @@ from osgeo import gdal  # noqa: E402
 
 pytestmark = pytest.mark.mpi
 
-P = 60
+P = 60  # patch size of the generated scenes
 SIZES = [(360, 240), (60, 60), (180, 120), (120, 360)]  # skewed: 24, 1, 6, 12 patches
 # attributes that describe the run rather than the content
-RUN_ATTRS = {"command", "n_ranks", "assignment", "assignment_strategy", "balance", "seconds"}
+RUN_ATTRS = {"command", "n_ranks", "assignment", "assignment_strategy", "balance", "seconds",
+             "rank_seconds", "rank_cpu_seconds"}
 
 
 @pytest.fixture(scope="module")
@@ -134,3 +135,37 @@ def test_bad_file_on_one_rank_stops_all_ranks_with_one_message(run_mpi, scenes, 
     with h5py.File(out) as f:
         # S1 has a single (cloudy) patch, so scenes 0 and 2 remain
         assert sorted(set(f["scene"][:].tolist())) == [0, 2] and len(f["label"]) == 28
+
+
+@pytest.mark.realdata
+@pytest.mark.parametrize("folder, patch, expect", [
+    ("sentinel_samples/BigEarthNet-v1-examples", 120, {"s1": (6, 2, 120, 120),
+                                                       "data_super": (6, 12, 120, 120)}),
+    ("sentinel_samples/Major-TOM-Core/S2L2A", 120, {"data_super": (128, 12, 120, 120)}),
+])
+def test_real_samples_same_for_one_and_two_ranks(run_mpi, shared_data, tmp_path, folder, patch,
+                                                 expect):
+    out1, out2 = tmp_path / "np1.h5", tmp_path / "np2.h5"
+    preprocess(run_mpi, 1, shared_data / folder, out1, "--patch-size", str(patch))
+    preprocess(run_mpi, 2, shared_data / folder, out2, "--patch-size", str(patch))
+    one = content(out1)
+    assert_same(one, content(out2))
+    for name, shape in expect.items():
+        assert one["data"][name].shape == shape
+    assert np.all(np.isfinite(one["attrs"]["std_data_super"]))
+    assert one["attrs"]["std_data_super"].min() > 0
+
+
+@pytest.mark.realdata
+def test_real_eurosat_chips_become_rgb_patches(run_mpi, shared_data, tmp_path):
+    chips = tmp_path / "chips"
+    for cls in ("Forest", "River", "SeaLake"):
+        (chips / cls).mkdir(parents=True)
+        for f in sorted((shared_data / "eurosat_rgb" / cls).iterdir())[:4]:
+            (chips / cls / f.name).symlink_to(f)
+    out = tmp_path / "eu.h5"
+    preprocess(run_mpi, 2, chips, out, "--patch-size", "64")
+    with h5py.File(out) as f:
+        assert f["rgb"].shape == (12, 3, 64, 64) and f["rgb"].dtype == np.uint8
+        assert f["label"][:].tolist() == [0] * 4 + [1] * 4 + [2] * 4
+        assert list(f.attrs["class_names"]) == ["Forest", "River", "SeaLake"]

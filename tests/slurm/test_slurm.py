@@ -43,13 +43,15 @@ def run_script(script: Path, *args: str, env: dict[str, str] | None = None
 def test_slurm_conf_keeps_everything_under_root(tmp_path: Path) -> None:
     text = sc.render_slurm_conf(root=tmp_path, node="n1", cpus=6, memory_mb=1000,
                                 ctld_port=7001, slurmd_port=7002,
-                                munge_socket=tmp_path / "munge" / "sock")
+                                munge_socket=tmp_path / "munge" / "sock", first_job_id=4242)
     conf = dict(line.split("=", 1) for line in text.splitlines() if not line.startswith(
         ("NodeName", "PartitionName")))
     assert conf["SlurmdParameters"] == "config_overrides"
     assert conf["MpiDefault"] == "pmix"
     assert (conf["SlurmctldPort"], conf["SlurmdPort"]) == ("7001", "7002")
     assert conf["AuthInfo"] == f"socket={tmp_path / 'munge' / 'sock'}"
+    assert conf["FirstJobId"] == "4242"
+    assert 4 <= int(conf["MinJobAge"]) <= 5  # keeps `sbatch --wait` polling every 2 s
     paths = [v for k, v in conf.items() if v.startswith("/")]
     assert len(paths) >= 7 and all(p.startswith(str(tmp_path)) for p in paths), paths
     assert re.search(r"^NodeName=n1 NodeAddr=127\.0\.0\.1 CPUs=6 ", text, re.M)
@@ -109,6 +111,17 @@ def test_sbatch_wait_returns_the_job_exit_code(submit, tmp_path: Path) -> None:
     job = submit(script)
     assert job.result.returncode == 7, job.report()
     assert "about-to-fail" in job.output, job.report()
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_a_job_that_never_starts_times_out_and_is_cancelled(slurm_cluster) -> None:
+    with pytest.raises(sc.SlurmClusterError, match="did not finish within 3 s") as info:
+        slurm_cluster.sbatch(["--begin=now+3600", "--output=/dev/null", "--wrap", "true"],
+                             timeout=3)
+    assert "slurmctld.log" in str(info.value)  # the diagnostics come with the error
+    queue = slurm_cluster.command(["squeue", "-h", "-t", "PD,R", "-o", "%i"]).stdout.split()
+    assert queue == []
 
 
 @pytest.mark.slurm
