@@ -392,3 +392,24 @@ def test_cli_end_to_end_random_init(tmp_path, capsys):
     assert {(r["encoder"], r["mode"]) for r in rows} == {
         ("random-init", "freeze"), ("random-init", "finetune"), ("channel-stats", "knn")}
     assert "oa" in captured.out  # the readable table
+
+
+@pytest.mark.slow
+def test_ssl_compare_benchmark_smoke(tmp_path):
+    """The benchmark's cost half on noise inputs: CSV with ratios against SimSiam, and a chart."""
+    import importlib.util
+    from pathlib import Path
+
+    pytest.importorskip("hpcsrl.models.registry")
+    main_py = Path(__file__).resolve().parents[1] / "benchmarks" / "ssl_compare" / "main.py"
+    spec = importlib.util.spec_from_file_location("ssl_compare_main", main_py)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--methods", "lite-srl,simsiam", "--skip-accuracy", "--warmup", "0",
+                       "--rounds", "1", "--memory-steps", "1", "--batch-size", "4",
+                       "--input-size", "32", "--out", str(tmp_path)]) == 0
+    rows = {r["method"]: r for r in read_csv(tmp_path / "ssl_compare.csv")}
+    assert float(rows["simsiam"]["params_ratio"]) == 1.0
+    assert float(rows["lite-srl"]["params_ratio"]) < 0.6
+    assert float(rows["lite-srl"]["mem_mb"]) > 0 and float(rows["simsiam"]["iter_ms"]) > 0
+    assert (tmp_path / "ssl_compare.png").stat().st_size > 0

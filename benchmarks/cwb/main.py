@@ -17,7 +17,7 @@ from typing import Any
 from hpcsrl.fileio import atomic_path, write_json
 from hpcsrl.planning.costs import Cluster, Costs
 from hpcsrl.planning.plan import candidate_cuts, describe, make_plan
-from hpcsrl.planning.profile import Profile, UnitProfile
+from hpcsrl.planning.profile import Profile, UnitProfile, load_profile
 from hpcsrl.planning.quantities import parse_bandwidth, parse_latency, parse_size
 from hpcsrl.planning.search import (
     min_stages,
@@ -78,29 +78,75 @@ def profile_model(args: argparse.Namespace, backbone: str, batch: int, timed: bo
                                         "time_input_size": args.time_input_size})
 
 
-def totals(args: argparse.Namespace, budget: int) -> dict[str, Profile]:
+def layer_output_bytes(backbone: str, args: argparse.Namespace, batch: int) -> list[int]:
+    """Paper-style accounting per unit: every leaf layer's output counted twice (value + gradient).
+
+    An estimate in the spirit of the paper's "memory of all intermediate values", for comparison
+    with the measured saved-for-backward bytes; one forward without autograd.
+    """
+    import torch
+
+    from hpcsrl.models.units import tensor_bytes
+
+    model, h = build(backbone, args.bands, batch, args.input_size)
+    units = model.units()
+    per_unit, current = [0] * len(units), [0]
+
+    def hook(_m: Any, _i: Any, out: Any) -> None:
+        per_unit[current[0]] += 2 * tensor_bytes(out)
+
+    handles = [m.register_forward_hook(hook) for _, u in units for m in u.modules()
+               if not list(m.children())]
+    with torch.no_grad():
+        for i, (_, unit) in enumerate(units):
+            current[0] = i
+            h = unit(h)
+    for handle in handles:
+        handle.remove()
+    return per_unit
+
+
+def paper_style(prof: Profile, outputs: list[int]) -> Profile:
+    units = [UnitProfile(**{**u.__dict__, "activation_bytes": o})
+             for u, o in zip(prof.units, outputs, strict=True)]
+    return Profile(prof.model, prof.batch_size, prof.input_shape, prof.optimizer, units,
+                   extra={**prof.extra, "activation_accounting": "2 x leaf-layer outputs"})
+
+
+def totals(args: argparse.Namespace, budget: int) -> dict[str, tuple[Profile, Profile]]:
+    """Measured and paper-style profiles per backbone, and the memory_totals.csv table."""
     rows, profiles = [], {}
     for backbone in args.backbones:
         batch = args.batch_size if backbone != "resnet50" else args.batch_size // 2
-        prof = profile_model(args, backbone, batch, timed=backbone == "resnet18")
-        profiles[backbone] = prof
+        cached = args.out_dir / f"profile_{backbone}.json"
+        if args.reuse_profiles and cached.exists():
+            prof = load_profile(cached)
+            print(f"{backbone}: reusing {cached}")
+        else:
+            prof = profile_model(args, backbone, batch, timed=backbone == "resnet18")
+            write_json(cached, prof.to_json())
+        paper = paper_style(prof, layer_output_bytes(backbone, args, batch))
+        profiles[backbone] = (prof, paper)
         u = prof.units
-        total = prof.total_memory_bytes
         rows.append({
             "backbone": backbone, "batch_size": batch, "input_size": args.input_size,
             "params_MB": sum(x.param_bytes for x in u) / MB,
             "grad_momentum_MB": sum(x.state_bytes for x in u) / MB,
-            "activations_MB": sum(x.activation_bytes for x in u) / MB,
-            "total_MB": total / MB, "total_MiB": total / 2**20,
+            "saved_activations_MB": sum(x.activation_bytes for x in u) / MB,
+            "total_MB": prof.total_memory_bytes / MB,
+            "devices_needed": min_stages(Costs(prof, 1.0), budget),
+            "paper_style_activations_MB": sum(x.activation_bytes for x in paper.units) / MB,
+            "paper_style_total_MB": paper.total_memory_bytes / MB,
+            "paper_style_devices_needed": min_stages(Costs(paper, 1.0), budget),
             "paper_total_MB": PAPER_TOTAL_MB[backbone] if batch == PAPER_BATCH[backbone] else "",
-            "budget_MB": budget / MB, "devices_needed": min_stages(Costs(prof, 1.0), budget),
+            "budget_MB": budget / MB,
         })
         print(rows[-1])
     write_csv(args.out_dir / "memory_totals.csv", rows)
     return profiles
 
 
-def fig13(args: argparse.Namespace, prof: Profile, costs: Costs) -> None:
+def fig13(args: argparse.Namespace, prof: Profile, costs: Costs, tag: str) -> None:
     rows = []
     for i, u in enumerate(prof.units):
         rows.append({"unit": i + 1, "name": u.name, "forward_s": u.forward_s,
@@ -108,7 +154,7 @@ def fig13(args: argparse.Namespace, prof: Profile, costs: Costs) -> None:
                      "state_bytes": u.state_bytes, "activation_bytes": u.activation_bytes,
                      "memory_MB": u.memory_bytes / MB, "output_bytes": u.output_bytes,
                      "cut_after_transfer_s": costs.cut[i + 1] / 1e12 if i + 1 < costs.q else ""})
-    write_csv(args.out_dir / "fig13_units_resnet18.csv", rows)
+    write_csv(args.out_dir / f"fig13_units_resnet18_{tag}.csv", rows)
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -138,12 +184,13 @@ def fig13(args: argparse.Namespace, prof: Profile, costs: Costs) -> None:
     ax[2].set_xticks(list(x))
     ax[2].set_xticklabels([f"p{i}" for i in x], rotation=90, fontsize=7)
     fig.tight_layout()
-    with atomic_path(args.out_dir / "fig13_units_resnet18.png") as tmp:
+    with atomic_path(args.out_dir / f"fig13_units_resnet18_{tag}.png") as tmp:
         fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
 
 
-def fig14(args: argparse.Namespace, prof: Profile, costs: Costs, cluster: Cluster) -> dict:
+def fig14(args: argparse.Namespace, prof: Profile, costs: Costs, cluster: Cluster,
+          tag: str) -> dict:
     budgets = list(cluster.budgets)
     n = len(budgets)
     rows = []
@@ -165,7 +212,7 @@ def fig14(args: argparse.Namespace, prof: Profile, costs: Costs, cluster: Cluste
     for r in rows:
         r["chosen"] = int(r["cut_index"] == best["cuts"])
         r["cut_index"] = " ".join(map(str, r["cut_index"]))
-    write_csv(args.out_dir / "fig14_candidates_resnet18.csv", rows)
+    write_csv(args.out_dir / f"fig14_candidates_resnet18_{tag}.csv", rows)
 
     import matplotlib
     matplotlib.use("Agg")
@@ -194,7 +241,7 @@ def fig14(args: argparse.Namespace, prof: Profile, costs: Costs, cluster: Cluste
     ax[1].set_xticks(range(len(shown)))
     ax[1].set_xticklabels(labels, rotation=90, fontsize=7)
     fig.tight_layout()
-    with atomic_path(args.out_dir / "fig14_candidates_resnet18.png") as tmp:
+    with atomic_path(args.out_dir / f"fig14_candidates_resnet18_{tag}.png") as tmp:
         fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
     return best
@@ -220,23 +267,24 @@ def stage_times(args: argparse.Namespace, plan: dict) -> None:
     write_csv(args.out_dir / "stage_time_resnet18.csv", rows)
 
 
-def allocations(args: argparse.Namespace, prof: Profile, cluster: Cluster) -> None:
-    rows = []
+def allocations(args: argparse.Namespace, label: str, prof: Profile, cluster: Cluster) -> None:
+    """Throughput bound of every replica allocation of 2n nodes (dynamic chains vs fixed)."""
+    plan = make_plan(prof, cluster, "throughput")
+    write_json(args.out_dir / f"plan_throughput_{label}.json", plan)
+    chosen = [s["replicas"] for s in plan["stages"]]
+    rows = [{"profile": label, "cuts": " ".join(map(str, plan["cuts"])),
+             "replicas": "/".join(map(str, a["replicas"])),
+             "bound_per_s": a["throughput_bound_per_s"], "chosen": int(a["replicas"] == chosen)}
+            for a in plan["allocations"]]
+    write_csv(args.out_dir / f"throughput_allocations_{label}.csv", rows)
+
+
+def paper_table5(args: argparse.Namespace) -> None:
+    """The paper's partition times (Table 5): which use of six nodes does the bound favour?"""
     units = [UnitProfile(f"partition{i + 1}", t, 0.0, 0, 0, 0, 0)
              for i, t in enumerate(PAPER_TABLE5_S)]
     paper = Profile("paper Table 5 partition times", 64, [3, 224, 224], "sgd", units)
-    for label, p, cl in (
-            ("paper Table 5 times", paper, Cluster((1,) * 3, 1e12, 0.0, 6)),
-            ("measured resnet18", prof, Cluster(cluster.budgets, cluster.bandwidth,
-                                                cluster.latency, 2 * len(cluster.budgets)))):
-        plan = make_plan(p, cl, "throughput")
-        write_json(args.out_dir / f"plan_throughput_{label.split()[0]}.json", plan)
-        for a in plan["allocations"]:
-            rows.append({"profile": label, "cuts": " ".join(map(str, plan["cuts"])),
-                         "replicas": "/".join(map(str, a["replicas"])),
-                         "bound_per_s": a["throughput_bound_per_s"],
-                         "chosen": int(a["replicas"] == [s["replicas"] for s in plan["stages"]])})
-    write_csv(args.out_dir / "throughput_allocations.csv", rows)
+    allocations(args, "paper_table5", paper, Cluster((1,) * 3, 1e12, 0.0, 6))
 
 
 def planner_speed(args: argparse.Namespace) -> None:
@@ -284,6 +332,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--backbones", default="resnet18,resnet34,resnet50")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--skip-speed", action="store_true", help="skip the planner-speed table")
+    p.add_argument("--skip-stage-times", action="store_true",
+                   help="skip timing whole stages (predicted vs measured)")
+    p.add_argument("--reuse-profiles", action="store_true",
+                   help="load profile_<backbone>.json from --out-dir instead of measuring again")
     args = p.parse_args(argv)
     args.backbones = [b for b in args.backbones.split(",") if b]
     if "resnet18" not in args.backbones:
@@ -298,22 +350,25 @@ def main(argv: list[str] | None = None) -> int:
     budget = parse_size(args.memory)
     if not args.skip_speed:
         planner_speed(args)
+    paper_table5(args)
     profiles = totals(args, budget)
-    prof = profiles["resnet18"]
-    write_json(args.out_dir / "profile_resnet18.json", prof.to_json())
     bandwidth, latency = parse_bandwidth(args.bandwidth), parse_latency(args.latency)
-    n = min_stages(Costs(prof, bandwidth, latency), budget)
-    if n is None:
-        print(f"a single unit exceeds {args.memory}: nothing to plan", file=sys.stderr)
-        return 1
-    n = max(n, 2)
-    cluster = Cluster((budget,) * n, bandwidth, latency)
-    costs = Costs(prof, bandwidth, latency)
-    fig13(args, prof, costs)
-    best = fig14(args, prof, costs, cluster)
-    write_json(args.out_dir / "plan_utilization_resnet18.json", best)
-    allocations(args, prof, cluster)
-    stage_times(args, best)
+    plans = {}
+    for tag, prof in zip(("measured", "paperstyle"), profiles["resnet18"], strict=True):
+        costs = Costs(prof, bandwidth, latency)
+        n = min_stages(costs, budget)
+        if n is None:
+            print(f"{tag}: a single unit exceeds {args.memory}: nothing to plan", file=sys.stderr)
+            continue
+        n = max(n, 2)  # one device needs no partition; show the two-device flow instead
+        cluster = Cluster((budget,) * n, bandwidth, latency)
+        fig13(args, prof, costs, tag)
+        plans[tag] = fig14(args, prof, costs, cluster, tag)
+        write_json(args.out_dir / f"plan_utilization_resnet18_{tag}.json", plans[tag])
+        allocations(args, f"resnet18_{tag}", prof, Cluster(cluster.budgets, bandwidth, latency,
+                                                          2 * n))
+    if not args.skip_stage_times and plans:
+        stage_times(args, plans.get("paperstyle") or plans["measured"])
     print(f"done; results in {os.path.relpath(args.out_dir)}")
     return 0
 

@@ -18,6 +18,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -54,7 +55,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--skip-accuracy", action="store_true", help="only params, time and memory")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 on a shared machine)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=str(HERE), help="folder for ssl_compare.csv/.png and runs/")
+    p.add_argument("--out", default=str(HERE), help="folder for the ssl_compare.* results")
+    p.add_argument("--work-dir", default=str(Path(tempfile.gettempdir()) / "hpcsrl-ssl-compare"),
+                   help="checkpoints and evaluation plots (large; kept out of the repository); "
+                   "a finished pre-training with the same budget is reused")
     p.add_argument("--probe-memory", metavar="METHOD", help=argparse.SUPPRESS)
     p.add_argument("--channels", type=int, default=3, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -187,7 +191,7 @@ def measure_params_and_time(args: argparse.Namespace, x_a, x_b, channels: int
     return params, {m: 1000 * statistics.median(v) for m, v in times.items()}
 
 
-def measure_accuracy(args: argparse.Namespace, out: Path) -> tuple[list[dict], dict[str, dict]]:
+def measure_accuracy(args: argparse.Namespace, work: Path) -> tuple[list[dict], dict[str, dict]]:
     """Equal pre-training budget per method, then one shared evaluation (features read once)."""
     import torch
 
@@ -205,12 +209,15 @@ def measure_accuracy(args: argparse.Namespace, out: Path) -> tuple[list[dict], d
                  "(or pass --skip-accuracy)")
     encoders, info = {}, {}
     for m in args.methods:
-        run_dir = out / "runs" / m
+        budget = (f"e{args.pretrain_epochs}_n{args.pretrain_samples}_b{args.batch_size}"
+                  f"_s{args.input_size}_seed{args.seed}")
+        run_dir = work / "runs" / args.bands / f"{m}_{budget}"
         ckpt_path = run_dir / "checkpoint.pt"
         cfg = PretrainConfig(method=m, backbone=args.backbone, bands=args.bands,
                              epochs=args.pretrain_epochs, batch_size=args.batch_size,
                              input_size=args.input_size, seed=args.seed,
-                             limit=args.pretrain_samples or None, monitor_samples=256)
+                             limit=args.pretrain_samples or None, monitor_samples=256,
+                             progress=sys.stderr.isatty())
         t = time.perf_counter()
         history = Pretrainer(ds, cfg, run_dir, resume=True).run()
         info[m] = {"pretrain_s": time.perf_counter() - t,
@@ -226,7 +233,7 @@ def measure_accuracy(args: argparse.Namespace, out: Path) -> tuple[list[dict], d
                     fit=FitConfig(epochs=args.probe_epochs, finetune_epochs=args.finetune_epochs,
                                   seed=args.seed, progress=False))
     rows = run_protocol(LabelledData(lambda i: ds.read_batch(i)[0], ds.labels,
-                                     list(ds.class_names)), encoders, spec, out / "eval", log)
+                                     list(ds.class_names)), encoders, spec, work / "eval", log)
     return rows, info
 
 
@@ -310,7 +317,8 @@ def main(argv: list[str] | None = None) -> int:
         sys.exit("ssl_compare: error: --data is required for accuracy (or --skip-accuracy)")
     import torch
 
-    from hpcsrl.eval.report import format_table, write_csv
+    from hpcsrl.eval.report import REPORT_COLUMNS, format_table, write_csv
+    from hpcsrl.fileio import write_json
 
     torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -322,9 +330,16 @@ def main(argv: list[str] | None = None) -> int:
     params, iter_ms = measure_params_and_time(args, x_a, x_b, channels)
     print("memory (fresh process per method)", flush=True)
     mem = measure_memory(args, channels)
-    acc_rows, info = ([], {}) if args.skip_accuracy else measure_accuracy(args, out)
+    acc_rows, info = ([], {}) if args.skip_accuracy else measure_accuracy(args, Path(args.work_dir))
     rows = build_table(args, params, iter_ms, mem, acc_rows, info)
     write_csv(out / "ssl_compare.csv", rows, COLUMNS)
+    if acc_rows:
+        write_csv(out / "ssl_compare_runs.csv", acc_rows, REPORT_COLUMNS)
+    settings = {k: v for k, v in vars(args).items() if k not in ("probe_memory", "channels")}
+    write_json(out / "ssl_compare.json", {
+        **settings, "channels": channels, "torch": torch.__version__,
+        "cpu_count": os.cpu_count(), "load_avg_at_end": os.getloadavg(),
+        "wall_seconds": round(time.perf_counter() - t0, 1)})
     budget = ("no pre-training" if args.skip_accuracy else
               f"{args.pretrain_epochs} ep x {args.pretrain_samples or 'all'} patches")
     plot(rows, out / "ssl_compare.png",

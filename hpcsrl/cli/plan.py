@@ -13,8 +13,15 @@ from hpcsrl.planning.profile import load_profile
 from hpcsrl.planning.quantities import parse_bandwidth, parse_latency, parse_sizes
 from hpcsrl.planning.report import render_plan
 
+EPILOG = """Every objective is solved exactly (times are rounded once to integer picoseconds, so
+sums and comparisons are exact). Ties: the lexicographically smallest cut list wins; for
+throughput the smallest (c_1, r_1, c_2, r_2, ..., r_n), i.e. earlier cuts, then fewer replicas on
+earlier stages. E is infinite at perfect balance and is written as null in plan.json."""
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.epilog = EPILOG
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.add_argument("--profile", required=True, help="profile.json written by `hpcsrl profile`")
     p.add_argument("--devices", type=int, required=True,
                    help="pipeline stages = devices in one chain")

@@ -84,11 +84,6 @@ class StopGradSiamese(SSLMethod):
         return [*self.backbone.units(), *self.projector.units("projector"),
                 *self.predictor.units("predictor", fork_first=True), ("loss", self.loss_unit)]
 
-    def describe(self) -> dict[str, int]:
-        """Parameter counts per part (for reports)."""
-        return {name: sum(p.numel() for p in getattr(self, name).parameters())
-                for name in ("backbone", "projector", "predictor")}
-
 
 class LiteSRL(StopGradSiamese):
     """Lite-SRL: backbone + dense projector (the encoder E), bottleneck predictor P, Eq. 5 loss."""

@@ -239,13 +239,13 @@ class Pretrainer:
                               align_corners=False, antialias=True)
         return x, x
 
-    def train_epoch(self, epoch: int) -> tuple[float, int, float]:
-        """One pass over the shuffled training patches: (mean loss, images, seconds)."""
+    def train_epoch(self, epoch: int) -> tuple[float, int, float, float]:
+        """One pass over the shuffled training patches: (mean loss, images, seconds, last lr)."""
         cfg = self.cfg
         batches = epoch_batches(self.train_idx, cfg.batch_size, cfg.seed, epoch)
         g = torch.Generator().manual_seed(_seed_for(cfg.seed, epoch, 2))
         self.model.train()
-        total, images, t0 = 0.0, 0, time.perf_counter()
+        total, images, lr, t0 = 0.0, 0, float("nan"), time.perf_counter()
         bar = tqdm(iter_batches(self.ds, batches, cfg.workers), total=len(batches),
                    desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", leave=False,
                    disable=not (cfg.progress and self.rank0))
@@ -258,6 +258,7 @@ class Pretrainer:
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             self.opt.step()
+            lr = self.opt.param_groups[0]["lr"]
             self.sched.step()
             step = epoch * self.steps_per_epoch + i + 1
             self.model.after_step(progress=step / self.total_steps)
@@ -265,7 +266,7 @@ class Pretrainer:
             images += x.shape[0]
             bar.set_postfix(loss=f"{loss.item():.4f}")
         bar.close()
-        return total / max(1, len(batches)), images, time.perf_counter() - t0
+        return total / max(1, len(batches)), images, time.perf_counter() - t0, lr
 
     @torch.no_grad()
     def monitor(self) -> tuple[float, float]:
@@ -306,9 +307,9 @@ class Pretrainer:
                       self.steps_per_epoch, cfg.batch_size, cfg.input_size, cfg.base_lr)
         last = cfg.epochs if stop_after is None else min(cfg.epochs, stop_after)
         for epoch in range(self.start_epoch, last):
-            loss, images, seconds = self.train_epoch(epoch)
+            loss, images, seconds, lr = self.train_epoch(epoch)
             std, acc = self.monitor()
-            row = {"epoch": epoch + 1, "loss": loss, "lr": self.opt.param_groups[0]["lr"],
+            row = {"epoch": epoch + 1, "loss": loss, "lr": lr,
                    "emb_std": std, "knn_acc": acc, "seconds": seconds,
                    "images_per_s": images / seconds if seconds > 0 else float("nan")}
             self.history.append(row)
