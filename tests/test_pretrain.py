@@ -182,6 +182,41 @@ def test_cli_end_to_end(tmp_path, capsys):
     assert "different options" in capsys.readouterr().err
 
 
+def _write_s1s2_h5(path, n=16, size=32):
+    """Sentinel-2 (data_super, 12 bands) + Sentinel-1 (s1, dB) patches, no labels."""
+    x, _ = _patterns(n, size=size, channels=14)
+    with h5py.File(path, "w") as f:
+        f.attrs["format_version"] = 1
+        f.attrs["patch_size"] = size
+        f["data_super"] = (x[:, :12] * 300 + 1500).astype(np.float32)
+        f["s1"] = (x[:, 12:] * 3 - 12).astype(np.float32)
+        for name in ("data_super", "s1"):
+            arr = f[name][:].astype(np.float64)
+            f.attrs[f"mean_{name}"] = arr.mean(axis=(0, 2, 3))
+            f.attrs[f"std_{name}"] = arr.std(axis=(0, 2, 3))
+        f["label"] = np.full(n, -1, np.int16)
+    return path
+
+
+@pytest.mark.parametrize("bands,method", [
+    ("s1s2", "dual-simclr"),
+    pytest.param("s1", "lite-srl", marks=pytest.mark.slow),
+    pytest.param("s1s2", "byol", marks=pytest.mark.slow)])
+def test_cli_sar_and_paired_modalities(tmp_path, bands, method):
+    data = _write_s1s2_h5(tmp_path / "s1s2.h5")
+    out = tmp_path / "run"
+    assert main(["pretrain", "--data", str(data), "--bands", bands, "--method", method,
+                 "--epochs", "1", "--batch-size", "8", "--input-size", "32", "--out", str(out),
+                 "--threads", "1", "--no-progress", "--monitor-samples", "8"]) == 0
+    with open(out / "log.csv") as f:
+        (row,) = list(csv.DictReader(f))
+    assert row["knn_acc"] == ""  # no labels: no k-NN monitor, still a collapse monitor
+    assert float(row["emb_std"]) > 0
+    model, ckpt = model_from_checkpoint(out / "checkpoint.pt")
+    assert ckpt["sensor"] == ("sar" if bands == "s1" else "s1s2")
+    assert model.config["in_channels"] == (2 if bands == "s1" else 14)
+
+
 def test_cli_names_match_the_registry():
     assert set(pretrain_cli.METHOD_NAMES) == set(METHODS)
     assert set(pretrain_cli.BACKBONE_NAMES) == set(BACKBONES)
