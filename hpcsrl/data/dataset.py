@@ -176,6 +176,16 @@ class PatchDataset(Dataset):
             pass
 
     # --- reading ---------------------------------------------------------------------------
+    @property
+    def mean(self) -> np.ndarray:
+        """Per-band mean (physical units) the patches are normalised with, shape (C,)."""
+        return self._mean.reshape(-1).copy()
+
+    @property
+    def std(self) -> np.ndarray:
+        """Per-band standard deviation the patches are normalised with, shape (C,)."""
+        return self._std.reshape(-1).copy()
+
     def __len__(self) -> int:
         return len(self.indices)
 
