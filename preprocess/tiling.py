@@ -2,10 +2,12 @@
 
 Reads go one patch row at a time: a strip P pixels high spanning every patch column of the scene.
 The strip window depends only on the patch row, so a patch gets bit-identical values whichever rank
-reads it (determinism for any rank count). 20 m and 60 m bands are up-sampled to 10 m by GDAL's
-resampled RasterIO on the exact window (`GRIORA_Bilinear`), which looks past the window edge and so
-matches `gdalwarp -r bilinear` of the whole band: no seams between patches. Patch origins are
-multiples of P, and P a multiple of 6, so 20 m and 60 m windows start on whole source pixels.
+reads it (determinism for any rank count). Patch origins are multiples of P, and P a multiple of 6,
+so 20 m and 60 m windows start on whole source pixels. Those bands are up-sampled to 10 m by
+`bilinear_upsample` on a native strip read with one source pixel of margin, which reproduces
+`gdalwarp -r bilinear` (Float32 output) of the whole band exactly, no-data rules included, so
+there are no seams between patches. (GDAL's own resampled RasterIO would round to the source
+integer type: up to 1 DN off.)
 """
 
 from __future__ import annotations
@@ -196,6 +198,50 @@ def to_stored(raw: np.ndarray, src: BandSource, dtype: np.dtype) -> np.ndarray:
     return value.astype(dtype)
 
 
+def _axis_taps(start: int, n_out: int, factor: int, n_src: int
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Bilinear taps on one axis for output pixels [start, start+n_out) of a `factor`x finer grid.
+
+    Pixel-centre convention (as GDAL): output i samples source coordinate (i + 0.5)/factor - 0.5.
+    Returns the lower/upper source index (clamped at the edges, which equals GDAL dropping the
+    outside tap and renormalising), the upper tap's weight, and the source pixel under the centre.
+    """
+    i = np.arange(start, start + n_out)
+    u = (i + 0.5) / factor - 0.5
+    i0 = np.floor(u).astype(np.int64)
+    centre = np.clip(((i + 0.5) // factor).astype(np.int64), 0, n_src - 1)
+    return np.clip(i0, 0, n_src - 1), np.clip(i0 + 1, 0, n_src - 1), u - i0, centre
+
+
+def bilinear_upsample(native: np.ndarray, src_row0: int, n_src_rows: int, factor: int,
+                      row0: int, n_rows: int, n_cols: int, nodata: float | None) -> np.ndarray:
+    """Up-sample a native strip to the 10 m grid exactly as `gdalwarp -r bilinear` does.
+
+    `native` holds source rows [src_row0, src_row0 + len) (all columns from 0) of a band with
+    `n_src_rows` rows; it must include the rows the output rows [row0, row0 + n_rows) tap, i.e. one
+    source row of margin. No-data sources get zero weight and the rest are renormalised; an output
+    pixel whose centre source pixel is no-data, or with no valid tap, is `nodata` (GDAL's rules).
+    Computed in float64 and returned as float32, bit-equal to gdalwarp's Float32 output.
+    """
+    a = native.astype(np.float64)
+    lo_r, hi_r, wr, cr = _axis_taps(row0, n_rows, factor, n_src_rows)
+    lo_c, hi_c, wc, cc = _axis_taps(0, n_cols, factor, a.shape[1])
+    lo_r, hi_r, cr = lo_r - src_row0, hi_r - src_row0, cr - src_row0
+
+    def interp(x: np.ndarray) -> np.ndarray:
+        x = x[lo_r] * (1 - wr)[:, None] + x[hi_r] * wr[:, None]
+        return x[:, lo_c] * (1 - wc) + x[:, hi_c] * wc
+
+    if nodata is None:
+        return interp(a).astype(np.float32)
+    valid = a != nodata
+    num, den = interp(np.where(valid, a, 0.0)), interp(valid.astype(np.float64))
+    ok = (den > 0) & valid[cr][:, cc]
+    out = np.full((n_rows, n_cols), nodata, np.float64)
+    out[ok] = num[ok] / den[ok]
+    return out.astype(np.float32)
+
+
 # --- reading a scene -------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -268,20 +314,13 @@ class SceneTiler:
                 f"scene {self.scene.name} ({self.scene.width}x{self.scene.height} at 10 m)")
         return band
 
-    def _read(self, name: str, src: BandSource, y0: int, width: int, out_res: int,
-              alg: int, buf_type: int | None = None) -> np.ndarray:
-        """A strip [0, width) x [y0, y0+P) of the 10 m grid, delivered at `out_res` metres."""
-        p = self.layout.patch_size
-        f_src, f_out = src.resolution_m / 10, out_res / 10
-        xoff, yoff = 0, int(round(y0 / f_src))
-        xs, ys = int(round(width / f_src)), int(round(p / f_src))
-        bx, by = int(round(width / f_out)), int(round(p / f_out))
+    def _read_array(self, name: str, src: BandSource, xoff: int, yoff: int, xs: int, ys: int,
+                    **kwargs) -> np.ndarray:
+        """One GDAL window read; any failure becomes a UserError naming the file and rows."""
         band = self._band(name, src)
         try:
-            kwargs = {"buf_type": buf_type} if buf_type is not None else {}
             with _quiet_gdal():
-                arr = band.ReadAsArray(xoff, yoff, xs, ys, buf_xsize=bx, buf_ysize=by,
-                                       resample_alg=alg, **kwargs)
+                arr = band.ReadAsArray(xoff, yoff, xs, ys, **kwargs)
         except RuntimeError as exc:
             raise UserError(f"{src.path}: read failed for band {name} of scene {self.scene.name}"
                             f" (rows {yoff}-{yoff + ys}): {str(exc).strip()}") from None
@@ -289,11 +328,31 @@ class SceneTiler:
             raise UserError(f"{src.path}: read failed for band {name} of scene {self.scene.name}")
         return arr
 
+    def _read(self, name: str, src: BandSource, y0: int, width: int, out_res: int,
+              alg: int) -> np.ndarray:
+        """A strip [0, width) x [y0, y0+P) of the 10 m grid, delivered at `out_res` metres."""
+        p = self.layout.patch_size
+        f_src, f_out = src.resolution_m / 10, out_res / 10
+        yoff = int(round(y0 / f_src))
+        xs, ys = int(round(width / f_src)), int(round(p / f_src))
+        bx, by = int(round(width / f_out)), int(round(p / f_out))
+        return self._read_array(name, src, 0, yoff, xs, ys, buf_xsize=bx, buf_ysize=by,
+                                resample_alg=alg)
+
+    def _read_upsampled(self, name: str, src: BandSource, y0: int, width: int) -> np.ndarray:
+        """A strip [0, width) x [y0, y0+P) at 10 m of a coarser band (see `bilinear_upsample`)."""
+        p, f = self.layout.patch_size, src.resolution_m // 10
+        band = self._band(name, src)
+        r0, r1 = max(y0 // f - 1, 0), min((y0 + p) // f + 1, band.YSize)
+        native = self._read_array(name, src, 0, r0, min(width // f + 1, band.XSize), r1 - r0)
+        return bilinear_upsample(native, r0, band.YSize, f, y0, p, width,
+                                 band.GetNoDataValue())
+
     def read_row(self, prow: int, first_col: int, stop_col: int) -> Batch:
         """Patches [first_col, stop_col) of patch row `prow`, filtered and labelled."""
         p, scene = self.layout.patch_size, self.scene
         y0, width, k = prow * p, self.n_cols * p, stop_col - first_col
-        near, bil = gdal.GRIORA_NearestNeighbour, gdal.GRIORA_Bilinear
+        near = gdal.GRIORA_NearestNeighbour
         raw: dict[str, np.ndarray] = {}  # native reads, shared by data_* and data_super
         arrays: dict[str, np.ndarray] = {}
         for dname, (bands, res, dtype) in self.layout.image_datasets().items():
@@ -310,7 +369,7 @@ class SceneTiler:
                 if src.resolution_m == 10:  # already at 10 m: no resampling
                     a = raw[b] if b in S2_10M else self._read(b, src, y0, width, 10, near)
                 else:
-                    a = self._read(b, src, y0, width, 10, bil, gdal.GDT_Float32)
+                    a = self._read_upsampled(b, src, y0, width)
                 sup.append(to_stored(a, src, np.dtype(np.float32)))
             arrays["data_super"] = np.stack(sup)
         # no-data test on the raw 10 m-native bands: optical ones if any, else SAR
