@@ -1,4 +1,4 @@
-"""The one exception type for mistakes a user can fix; CLIs print it as a single line, no traceback."""
+"""The one exception for mistakes a user can fix; CLIs print it as a single line, no traceback."""
 
 
 class UserError(Exception):

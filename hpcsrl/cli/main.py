@@ -1,4 +1,4 @@
-"""`hpcsrl` entry point: one sub-command per capability, imported lazily so `plan` needs no torch."""
+"""`hpcsrl` entry point: one sub-command per capability, imported lazily (`plan` needs no torch)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import sys
 
 from hpcsrl.errors import UserError
 
-# sub-command -> (module under hpcsrl.cli, one-line help). Each module has add_arguments(p), run(args).
+# sub-command -> (module under hpcsrl.cli, one-line help); modules define add_arguments, run.
 COMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("synth", "generate synthetic Sentinel-1/-2 scenes as georeferenced GeoTIFFs"),
     "pretrain": ("pretrain", "self-supervised pre-training (Lite-SRL or a baseline) on an HDF5"),
