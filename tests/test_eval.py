@@ -239,6 +239,18 @@ def test_fine_tune_changes_weights_and_protocol_keeps_callers_encoder(tmp_path):
     assert (tmp_path / "tsne_tiny_finetuned.png").is_file()
 
 
+def test_fine_tune_recalibrates_batchnorm_to_the_final_weights():
+    x, y = separable_images(n_per_class=8)  # 24 patches, 3 equal batches of 8
+    tuned = TinyEncoder()
+    fine_tune(tuned, 8, array_reader(x), np.arange(24), y, 3,
+              FitConfig(epochs=2, batch_size=8, progress=False, augment=False))
+    with torch.no_grad():
+        conv = tuned.net[0](torch.from_numpy(x[:24]))
+    bn = tuned.net[1]
+    torch.testing.assert_close(bn.running_mean, conv.mean(dim=(0, 2, 3)), rtol=1e-4, atol=1e-5)
+    assert bn.momentum == 0.1  # the layer's own setting is restored
+
+
 def test_fine_tune_reads_per_batch_when_the_cache_is_too_small():
     x, y = separable_images(n_per_class=10)
     seen: list[int] = []

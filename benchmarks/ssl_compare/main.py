@@ -12,6 +12,7 @@ against SimSiam and a bubble chart (x = time/iteration, y = accuracy, bubble are
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import resource
@@ -20,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -27,7 +29,8 @@ METHODS = ("lite-srl", "simsiam", "byol", "simclr", "moco-v2")
 REFERENCE = "simsiam"
 # Issue 3 targets for Lite-SRL against SimSiam with the same backbone.
 TARGETS = {"params": 0.57, "iter": 0.8, "mem": 0.8, "acc_points": 1.0}
-COLUMNS = ("method", "params_m", "params_ratio", "iter_ms", "iter_ratio", "mem_mb", "mem_ratio",
+COLUMNS = ("method", "params_m", "params_ratio", "iter_ms", "iter_ratio", "iter_min_ms",
+           "iter_min_ratio", "mem_mb", "mem_ratio",
            "freeze_10", "freeze_20", "finetune_10", "finetune_20", "freeze_20_vs_ref_points",
            "finetune_20_vs_ref_points", "pretrain_s", "final_loss")
 
@@ -42,7 +45,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=32, help="same batch for every method")
     p.add_argument("--input-size", type=int, default=64, help="view side (px), same for all")
     p.add_argument("--warmup", type=int, default=2, help="untimed iterations per method")
-    p.add_argument("--rounds", type=int, default=5, help="timed round-robin iterations per method")
+    p.add_argument("--rounds", type=int, default=9, help="timed round-robin iterations per method")
     p.add_argument("--memory-steps", type=int, default=3, help="training steps per memory probe")
     p.add_argument("--pretrain-epochs", type=int, default=1, help="equal budget for every method")
     p.add_argument("--pretrain-samples", type=int, default=512,
@@ -55,7 +58,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--skip-accuracy", action="store_true", help="only params, time and memory")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 on a shared machine)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=str(HERE), help="folder for the ssl_compare.* results")
+    p.add_argument("--out", default=str(HERE / "results"), help="folder for ssl_compare.* files")
     p.add_argument("--work-dir", default=str(Path(tempfile.gettempdir()) / "hpcsrl-ssl-compare"),
                    help="checkpoints and evaluation plots (large; kept out of the repository); "
                    "a finished pre-training with the same budget is reused")
@@ -163,8 +166,11 @@ def sample_batch(args: argparse.Namespace):
 
 
 def measure_params_and_time(args: argparse.Namespace, x_a, x_b, channels: int
-                            ) -> tuple[dict[str, float], dict[str, float]]:
-    """Build every method, then time training steps round-robin (same load for all) -> medians.
+                            ) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """Build every method, then time training steps round-robin (same load for all).
+
+    Returns parameters (M) and each method's per-iteration times (ms). Interleaving the methods
+    spreads load from other processes evenly; the report uses the median and also the minimum.
 
     Views are made once: the time is the model's (forward, backward, optimiser, momentum update),
     not the augmentation's, which is identical for every method.
@@ -188,7 +194,7 @@ def measure_params_and_time(args: argparse.Namespace, x_a, x_b, channels: int
             if r >= args.warmup:
                 times[m].append(time.perf_counter() - t)
         print(f"  timing round {r + 1}/{total}", flush=True)
-    return params, {m: 1000 * statistics.median(v) for m, v in times.items()}
+    return params, {m: [1000 * t for t in v] for m, v in times.items()}
 
 
 def measure_accuracy(args: argparse.Namespace, work: Path) -> tuple[list[dict], dict[str, dict]]:
@@ -209,18 +215,23 @@ def measure_accuracy(args: argparse.Namespace, work: Path) -> tuple[list[dict], 
                  "(or pass --skip-accuracy)")
     encoders, info = {}, {}
     for m in args.methods:
-        budget = (f"e{args.pretrain_epochs}_n{args.pretrain_samples}_b{args.batch_size}"
-                  f"_s{args.input_size}_seed{args.seed}")
-        run_dir = work / "runs" / args.bands / f"{m}_{budget}"
-        ckpt_path = run_dir / "checkpoint.pt"
         cfg = PretrainConfig(method=m, backbone=args.backbone, bands=args.bands,
                              epochs=args.pretrain_epochs, batch_size=args.batch_size,
                              input_size=args.input_size, seed=args.seed,
                              limit=args.pretrain_samples or None, monitor_samples=256,
                              progress=sys.stderr.isatty())
-        t = time.perf_counter()
+        # the folder names the budget and hashes every model and trainer setting, so a cached
+        # pre-training is only reused for exactly the same run (changed defaults start afresh)
+        settings = {**asdict(cfg), "progress": None,
+                    "model": build_method(m, args.backbone, ds.channels).config}
+        digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
+        budget = (f"e{args.pretrain_epochs}_n{args.pretrain_samples}_b{args.batch_size}"
+                  f"_s{args.input_size}_seed{args.seed}_{digest.hexdigest()[:8]}")
+        run_dir = work / "runs" / args.bands / f"{m}_{budget}"
+        ckpt_path = run_dir / "checkpoint.pt"
         history = Pretrainer(ds, cfg, run_dir, resume=True).run()
-        info[m] = {"pretrain_s": time.perf_counter() - t,
+        # from the epoch log, so a reused pre-training still reports what it cost
+        info[m] = {"pretrain_s": sum(float(h["seconds"]) for h in history),
                    "final_loss": history[-1]["loss"] if history else float("nan")}
         model, _ = model_from_checkpoint(ckpt_path)
         encoders[m] = model.encoder
@@ -242,7 +253,7 @@ def ratio(values: dict[str, float], m: str) -> float | None:
     return values[m] / ref if ref and m in values else None
 
 
-def build_table(args, params, iter_ms, mem, acc_rows, info) -> list[dict]:
+def build_table(args, params, iter_ms, iter_min, mem, acc_rows, info) -> list[dict]:
     acc: dict[tuple[str, str, float], float] = {
         (r["encoder"], r["mode"], round(r["fraction"], 3)): r["oa"] for r in acc_rows}
 
@@ -253,7 +264,8 @@ def build_table(args, params, iter_ms, mem, acc_rows, info) -> list[dict]:
     rows = []
     for m in args.methods:
         row = {"method": m, "params_m": params[m], "params_ratio": ratio(params, m),
-               "iter_ms": iter_ms[m], "iter_ratio": ratio(iter_ms, m), "mem_mb": mem[m],
+               "iter_ms": iter_ms[m], "iter_ratio": ratio(iter_ms, m),
+               "iter_min_ms": iter_min[m], "iter_min_ratio": ratio(iter_min, m), "mem_mb": mem[m],
                "mem_ratio": ratio(mem, m), **info.get(m, {})}
         for mode in ("freeze", "finetune"):
             for f in (0.1, 0.2):
@@ -327,17 +339,20 @@ def main(argv: list[str] | None = None) -> int:
     x_a, x_b, channels = sample_batch(args)
     print(f"timing {len(args.methods)} methods round-robin (batch {args.batch_size}, "
           f"{channels}x{args.input_size}x{args.input_size})", flush=True)
-    params, iter_ms = measure_params_and_time(args, x_a, x_b, channels)
+    params, iter_times = measure_params_and_time(args, x_a, x_b, channels)
+    iter_ms = {m: statistics.median(v) for m, v in iter_times.items()}
+    iter_min = {m: min(v) for m, v in iter_times.items()}
     print("memory (fresh process per method)", flush=True)
     mem = measure_memory(args, channels)
     acc_rows, info = ([], {}) if args.skip_accuracy else measure_accuracy(args, Path(args.work_dir))
-    rows = build_table(args, params, iter_ms, mem, acc_rows, info)
+    rows = build_table(args, params, iter_ms, iter_min, mem, acc_rows, info)
     write_csv(out / "ssl_compare.csv", rows, COLUMNS)
     if acc_rows:
         write_csv(out / "ssl_compare_runs.csv", acc_rows, REPORT_COLUMNS)
     settings = {k: v for k, v in vars(args).items() if k not in ("probe_memory", "channels")}
     write_json(out / "ssl_compare.json", {
         **settings, "channels": channels, "torch": torch.__version__,
+        "iteration_ms": {m: [round(t, 1) for t in v] for m, v in iter_times.items()},
         "cpu_count": os.cpu_count(), "load_avg_at_end": os.getloadavg(),
         "wall_seconds": round(time.perf_counter() - t0, 1)})
     budget = ("no pre-training" if args.skip_accuracy else

@@ -10,7 +10,7 @@ import copy
 import logging
 import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -66,7 +66,7 @@ def slug(text: str) -> str:
 
 
 def run_name(encoder: str, mode: str, fraction: float) -> str:
-    return f"{slug(encoder)}_{mode}_{round(fraction * 100):g}pct"
+    return f"{slug(encoder)}_{mode}_{round(fraction * 100, 3):g}pct"
 
 
 class _Recorder:
@@ -112,8 +112,7 @@ def _tsne(feats: np.ndarray, labels: np.ndarray, names: list[str], title: str, p
 
 
 def run_protocol(data: LabelledData, encoders: Mapping[str, nn.Module], spec: EvalSpec,
-                 out_dir: str | Path, log: logging.Logger | None = None,
-                 on_row: Callable[[dict], None] | None = None) -> list[dict]:
+                 out_dir: str | Path, log: logging.Logger | None = None) -> list[dict]:
     """Evaluate every encoder in every mode at every label fraction (+ the k-NN floor).
 
     Writes into `out_dir`: report.csv, per_class.csv, split.json, confusion_*.csv/png and
@@ -160,10 +159,6 @@ def run_protocol(data: LabelledData, encoders: Mapping[str, nn.Module], spec: Ev
     for name, enc in encoders.items():
         verify_unchanged(enc, digests[name], f"encoder {name!r} (feature extraction)")
 
-    def emit(row: dict) -> None:
-        if on_row is not None:
-            on_row(row)
-
     for name, enc in encoders.items():
         if spec.tsne:
             _tsne(feats[name][test_rows], labels[test], data.class_names,
@@ -175,7 +170,7 @@ def run_protocol(data: LabelledData, encoders: Mapping[str, nn.Module], spec: Ev
                 head = fit_linear(feats[name][rows_of(idx)], labels[idx], k, spec.fit,
                                   None if ml is None else ml[idx])
                 pred, ml_pred = predict(head, feats[name][test_rows])
-                emit(rec.add(name, "freeze", f, len(idx), time.perf_counter() - t, pred, ml_pred))
+                rec.add(name, "freeze", f, len(idx), time.perf_counter() - t, pred, ml_pred)
             verify_unchanged(enc, digests[name], f"encoder {name!r}")
         if "finetune" in spec.modes:
             for f, idx in subsets.items():
@@ -186,8 +181,7 @@ def run_protocol(data: LabelledData, encoders: Mapping[str, nn.Module], spec: Ev
                 test_feats = extract({name: tuned}, data.read, test, spec.feature_batch,
                                      with_stats=False, progress=spec.fit.progress)[name]
                 pred, ml_pred = predict(head, test_feats)
-                emit(rec.add(name, "finetune", f, len(idx), time.perf_counter() - t, pred,
-                             ml_pred))
+                rec.add(name, "finetune", f, len(idx), time.perf_counter() - t, pred, ml_pred)
                 if spec.tsne and f == max(subsets):
                     _tsne(test_feats, labels[test], data.class_names,
                           f"t-SNE of fine-tuned {name} features ({f:.0%} labels, test set)",
@@ -200,7 +194,7 @@ def run_protocol(data: LabelledData, encoders: Mapping[str, nn.Module], spec: Ev
             pred = knn_predict(stats[rows_of(idx)], labels[idx], stats[test_rows])
             ml_pred = None if ml is None else knn_predict(stats[rows_of(idx)], ml[idx],
                                                           stats[test_rows])
-            emit(rec.add(KNN_NAME, "knn", f, len(idx), time.perf_counter() - t, pred, ml_pred))
+            rec.add(KNN_NAME, "knn", f, len(idx), time.perf_counter() - t, pred, ml_pred)
 
     write_csv(out / "report.csv", rec.rows, REPORT_COLUMNS)
     write_csv(out / "per_class.csv", rec.per_class, PER_CLASS_COLUMNS)

@@ -1,5 +1,10 @@
 """Report files: the summary CSV (one row per encoder x mode x fraction), per-class scores,
-confusion matrices, and the table printed at the end of a run."""
+confusion matrices, and the table printed at the end of a run.
+
+`seconds` is the wall time of one run: for freeze the head's training and prediction on features
+extracted once beforehand (that shared pass is logged separately), for fine-tune the training and
+the test-set feature pass, for the k-NN floor its fit and prediction.
+"""
 
 from __future__ import annotations
 
