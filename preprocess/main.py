@@ -185,9 +185,9 @@ class Progress:
         self._last_post = 0.0
         self.bar = None
         if self.rank == 0 and enabled:
-            from tqdm import tqdm
-            self.bar = tqdm(total=total, unit="patch", desc=f"tiling on {self.size} rank(s)",
-                            dynamic_ncols=True, file=sys.stderr)
+            from hpcsrl.progress import progress_bar
+            self.bar = progress_bar(total=total, unit="patch",
+                                    desc=f"tiling on {self.size} rank(s)", dynamic_ncols=True)
 
     def update(self, seen: int, final: bool = False, failed: bool = False) -> None:
         """Report this rank's patches processed so far (rank 0 also polls the others)."""

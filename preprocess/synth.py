@@ -574,14 +574,14 @@ def iter_generate(out: Path, cfg: SynthConfig, force: bool = False) -> Iterator[
 def generate(out: str | os.PathLike, cfg: SynthConfig, force: bool = False,
              command: str | None = None, progress: bool = False) -> SynthResult:
     """Generate all scenes, then write classes.json and manifest.json (atomically, last)."""
-    from tqdm import tqdm
+    from hpcsrl.progress import progress_bar
 
     out = Path(out)
     log = get_logger("hpcsrl.synth")
     entries: list[dict] = []
     reused: list[str] = []
     it = iter_generate(out, cfg, force)
-    bar = tqdm(it, total=cfg.scenes, unit="scene", disable=not progress, desc="synth")
+    bar = progress_bar(it, total=cfg.scenes, unit="scene", disable=not progress, desc="synth")
     for entry, was_reused in bar:
         entries.append(entry)
         if was_reused:

@@ -21,7 +21,7 @@ mpirun --oversubscribe --bind-to none --map-by slot -np "$NP" \
 
 step "3/6 Lite-SRL self-supervised pre-training (labels hidden)"
 hpcsrl pretrain --data "$OUT/patches.h5" --bands s2 --method lite-srl --backbone resnet18 \
-  --epochs 3 --batch-size 32 --input-size 48 --out "$OUT/pretrain"
+  --epochs 2 --batch-size 32 --input-size 32 --out "$OUT/pretrain"
 
 step "4/6 few-label evaluation (frozen encoder, 10 % and 20 % labels) with floors"
 hpcsrl evaluate --checkpoint "$OUT/pretrain/checkpoint.pt" --data "$OUT/patches.h5" --bands s2 \

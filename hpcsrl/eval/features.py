@@ -9,7 +9,8 @@ from collections.abc import Callable, Mapping
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
+
+from hpcsrl.progress import progress_bar
 
 # Reads the input patches of the given (sorted) sample indices as (n, C, P, P) float32.
 BatchReader = Callable[[np.ndarray], "np.ndarray | torch.Tensor"]
@@ -68,7 +69,8 @@ def extract(encoders: Mapping[str, nn.Module], read: BatchReader, indices: np.nd
         out["channel_stats"] = []
     starts = range(0, len(indices), batch_size)
     try:
-        for s in tqdm(starts, desc="features", unit="batch", disable=not progress, leave=False):
+        for s in progress_bar(starts, desc="features", unit="batch", disable=not progress,
+                              leave=False):
             x = as_tensor(read(indices[s:s + batch_size])).float()
             for name, enc in encoders.items():
                 out[name].append(enc(x).flatten(1).numpy())

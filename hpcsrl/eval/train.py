@@ -14,9 +14,9 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
-from tqdm import tqdm
 
 from hpcsrl.eval.features import BatchReader, as_tensor
+from hpcsrl.progress import progress_bar
 
 
 @dataclass
@@ -107,7 +107,7 @@ def fit_linear(feats: np.ndarray, labels: np.ndarray, n_classes: int, cfg: FitCo
     steps_per_epoch = math.ceil(len(f) / cfg.batch_size)
     sched = _cosine(opt, cfg.epochs * steps_per_epoch)
     head.train()
-    for _ in tqdm(range(cfg.epochs), desc="linear probe", unit="epoch",
+    for _ in progress_bar(range(cfg.epochs), desc="linear probe", unit="epoch",
                   disable=not cfg.progress, leave=False):
         for b in _batches(len(f), cfg.batch_size, rng):
             bt = torch.from_numpy(b)
@@ -203,7 +203,7 @@ def fine_tune(encoder: nn.Module, feature_dim: int, read: BatchReader, train_idx
     sched = _cosine(opt, epochs * steps_per_epoch)
     encoder.train()
     head.train()
-    bar = tqdm(total=epochs * steps_per_epoch, desc="fine-tune", unit="it",
+    bar = progress_bar(total=epochs * steps_per_epoch, desc="fine-tune", unit="it",
                disable=not cfg.progress, leave=False)
     for _ in range(epochs):
         for b in _batches(len(train_idx), cfg.batch_size, rng):

@@ -227,8 +227,8 @@ def measure_times(units: Sequence[Unit], chain_input: Any, repeats: int = 3, war
     inputs, masks, _ = reference_pass(units, chain_input)
     items = list(enumerate(units))
     if progress:
-        from tqdm import tqdm
-        items = tqdm(items, desc="timing units", unit="unit")
+        from hpcsrl.progress import progress_bar
+        items = progress_bar(items, desc="timing units", unit="unit")
     return [time_chain([unit], inputs[i], masks[i], repeats, warmup) for i, unit in items]
 
 

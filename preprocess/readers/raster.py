@@ -264,12 +264,13 @@ def collect(items: Iterable[T], build: Callable[[T], Scene | None], skip_bad: bo
     """Build one scene per item; a `BadScene` stops with a `UserError` or, with skip_bad, is
     recorded as (path, reason). `build` may return None for an item that is deliberately left out.
     """
-    from tqdm import tqdm
+    from hpcsrl.progress import progress_bar
 
     scenes: list[Scene] = []
     skipped: list[tuple[str, str]] = []
     items = list(items)
-    for item in tqdm(items, desc=desc, unit="scene", disable=not progress or len(items) < 50):
+    quiet = not progress or len(items) < 50
+    for item in progress_bar(items, desc=desc, unit="scene", disable=quiet):
         try:
             scene = build(item)
         except BadScene as bad:
