@@ -8,6 +8,7 @@ import torch
 from hpcsrl.augment import make_view_transform, two_views
 from hpcsrl.augment.common import gaussian_blur, random_geometry
 from hpcsrl.augment.sar import speckle
+from hpcsrl.augment.views import AUGMENT_PRESETS
 from hpcsrl.errors import UserError
 
 S2 = ("B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09", "B11", "B12")
@@ -87,6 +88,21 @@ def test_speckle_has_unit_mean_in_linear_power():
     power = 10 ** (y / 10)
     assert power.mean().item() == pytest.approx(1.0, abs=0.01)
     assert power.var().item() == pytest.approx(1 / 4, rel=0.05)  # Gamma(L, 1/L): variance 1/L
+
+
+def test_augment_presets():
+    names = ("R", "G", "B")
+    paper = make_view_transform("optical", names, 32, augment="paper")
+    chips = make_view_transform("optical", names, 32)
+    assert paper.params == AUGMENT_PRESETS["paper"] and chips.params == AUGMENT_PRESETS["chips"]
+    assert "blur" in paper.steps() and "blur" not in chips.steps()
+    x = _batch(3, n=16)
+    # the chips preset keeps colour: views stay closer to the input than the paper's
+    dist = {n: (t(x, _gen(1)) - random_geometry(x, 32, _gen(1), scale=t.params.crop_scale))
+            .abs().mean() for n, t in (("paper", paper), ("chips", chips))}
+    assert dist["chips"] < dist["paper"]
+    with pytest.raises(UserError, match="chips"):
+        make_view_transform("optical", names, 32, augment="strong")
 
 
 def test_unknown_sensor_is_a_user_error():

@@ -51,16 +51,33 @@ def test_resnet_any_band_count(bands):
 def test_lite_srl_units_and_size():
     model = build_method("lite-srl")
     names = [n for n, _ in model.units()]
-    assert len(names) == 28  # the paper's p1..p28 (Fig. 13a)
+    assert len(names) == 28  # as many cut points as the paper's p1..p28 (Fig. 13a)
     assert names[:3] == ["backbone.conv1", "backbone.bn1_relu", "backbone.maxpool"]
     assert names[11:13] == ["backbone.avgpool", "projector.fc1"]
     assert [n for n in names if "cat" in n] == ["projector.cat1", "projector.cat2"]
+    assert names[20:24] == ["projector.fc3", "projector.bn3", "stop_grad", "predictor.fc1"]
     assert names[-1] == "loss"
     n = model.n_parameters()
     assert abs(n - 12.82e6) <= 0.3e6, n
     # every parameter is reachable through exactly the units
     unit_params = {id(p) for _, u in model.units() for p in u.parameters()}
     assert unit_params == {id(p) for p in model.parameters()}
+
+
+def test_projector_output_relu_is_selectable():
+    """Default: BN output (embeddings of both signs); proj_out_relu=True: the paper's ReLU."""
+    torch.manual_seed(0)
+    default = build_method("lite-srl", in_channels=2)
+    paper = build_method("lite-srl", in_channels=2, proj_out_relu=True)
+    assert default.n_parameters() == paper.n_parameters()
+    names = [n for n, _ in paper.units()]
+    assert len(names) == 29 and names[22] == "projector.relu3"
+    x = torch.randn(8, 2, 32, 32)
+    assert (default.embedding(x) < 0).any()
+    assert (paper.embedding(x) >= 0).all()
+    # checkpoints written before the option existed had the ReLU: rebuilt the same way
+    old = {k: v for k, v in paper.config.items() if k != "proj_out_relu"}
+    assert model_from_config(old).config["proj_out_relu"] is True
 
 
 # Paper Table 2 (ResNet-18) and what we count; see each baseline's module docstring.
@@ -122,10 +139,13 @@ def test_sequential_form_equals_two_passes_in_eval_mode():
 def test_stop_gradient_copy_carries_no_grad():
     model = _small("lite-srl")
     h = model.chain_input(*_views(3))
+    names = [name for name, _ in model.units()]
+    assert "stop_grad" in names
     for name, unit in model.units()[:-1]:
         h = unit(h)
-        if name == "predictor.fc1":
+        if name == "stop_grad":
             assert isinstance(h, tuple) and not h[1].requires_grad and h[0].requires_grad
+            assert torch.equal(h[0], h[1])
 
 
 @pytest.mark.parametrize("method", ["byol", "moco-v2"])

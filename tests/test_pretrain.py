@@ -12,11 +12,14 @@ import pytest
 import torch
 
 from hpcsrl.augment import make_view_transform, two_views
+from hpcsrl.augment.views import AUGMENT_PRESETS
 from hpcsrl.cli import pretrain as pretrain_cli
 from hpcsrl.cli.main import main
+from hpcsrl.errors import UserError
 from hpcsrl.models.registry import METHODS, build_method, model_from_checkpoint
 from hpcsrl.models.resnet import BACKBONES
-from hpcsrl.train.loop import LOG_COLUMNS, PretrainConfig, Pretrainer
+from hpcsrl.train.loop import LOG_COLUMNS, MemoryPatches, PretrainConfig, Pretrainer
+from hpcsrl.train.precise_bn import recalibrate
 
 
 def _patterns(n, size=32, channels=3, seed=0):
@@ -129,6 +132,15 @@ def test_loader_workers_do_not_change_the_run(tmp_path):
     assert a[0]["loss"] == b[0]["loss"]
 
 
+def test_in_memory_patches_do_not_change_the_run(tmp_path):
+    ds = TensorPatches(n=24)
+    a = Pretrainer(ds, _cfg(epochs=1), tmp_path / "a")
+    b = Pretrainer(ds, _cfg(epochs=1, in_memory=True), tmp_path / "b")
+    assert isinstance(b.ds, MemoryPatches) and b.ds.channels == 3 and len(b.ds) == 24
+    assert a.run()[0]["loss"] == b.run()[0]["loss"]
+    assert _same_state(a.model, b.model)
+
+
 def test_collapse_warning(tmp_path):
     trainer = Pretrainer(TensorPatches(n=24), _cfg(), tmp_path)
     trainer.model.embedding = lambda x: torch.ones(x.shape[0], 16)  # everything on one point
@@ -220,6 +232,30 @@ def test_cli_sar_and_paired_modalities(tmp_path, bands, method):
 def test_cli_names_match_the_registry():
     assert set(pretrain_cli.METHOD_NAMES) == set(METHODS)
     assert set(pretrain_cli.BACKBONE_NAMES) == set(BACKBONES)
+    assert set(pretrain_cli.AUGMENT_NAMES) == set(AUGMENT_PRESETS)
+
+
+def test_method_options_are_typed_and_checked():
+    parse = pretrain_cli.parse_method_options
+    assert parse("lite-srl", ["proj_out_relu=1", "pred-hidden=64"]) == {
+        "proj_out_relu": True, "pred_hidden": 64}
+    assert parse("lite-srl", ["proj_out_relu=false"]) == {"proj_out_relu": False}
+    for bad in (["proj_out_relu=maybe"], ["pred_hidden=wide"], ["temperature=0.1"], ["x"]):
+        with pytest.raises(UserError, match="--method-option"):
+            parse("lite-srl", bad)
+    assert parse("simclr", ["temperature=0.2"]) == {"temperature": 0.2}
+
+
+def test_cli_paper_literal_variant(tmp_path):
+    data = _write_rgb_h5(tmp_path / "demo.h5", n=16)
+    out = tmp_path / "run"
+    assert main(["pretrain", "--data", str(data), "--epochs", "1", "--batch-size", "8",
+                 "--input-size", "32", "--out", str(out), "--threads", "1", "--no-progress",
+                 "--monitor-samples", "8", "--augment", "paper",
+                 "--method-option", "proj_out_relu=1"]) == 0
+    model, ckpt = model_from_checkpoint(out / "checkpoint.pt")
+    assert model.config["proj_out_relu"] is True and ckpt["pretrain"]["augment"] == "paper"
+    assert "projector.relu3" in [n for n, _ in model.units()]
 
 
 @pytest.mark.parametrize("bad,match", [(["--method", "simsam"], "lite-srl"),
@@ -231,3 +267,16 @@ def test_cli_bad_input_is_one_line(tmp_path, capsys, bad, match):
                "--threads", "1", *bad])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and match in err and len(err.splitlines()) == 1
+
+
+def test_precise_bn_is_the_exact_average_and_leaves_other_layers():
+    torch.manual_seed(0)
+    used, unused = torch.nn.BatchNorm2d(3), torch.nn.BatchNorm1d(4)
+    model = torch.nn.ModuleDict({"used": used, "unused": unused}).eval()
+    unused.running_mean.fill_(5.0)
+    batches = [torch.randn(4, 3, 5, 5) * 2 + 1 for _ in range(3)]
+    assert recalibrate(used, model, batches) == 12
+    want = torch.stack([b.mean(dim=(0, 2, 3)) for b in batches]).mean(0)
+    assert torch.allclose(used.running_mean, want, atol=1e-6)
+    assert used.momentum == 0.1 and not model.training
+    assert torch.all(unused.running_mean == 5.0)

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from hpcsrl.models.chain import At, Concat, Fork, Keep
+from hpcsrl.models.chain import At, Concat, Keep
 from hpcsrl.models.units import Unit
 
 
@@ -45,17 +45,10 @@ class MLP(nn.Module):
             x = layer(x)
         return x
 
-    def units(self, prefix: str, index: int = 0, fork_first: bool = False) -> list[Unit]:
-        """Per-layer units acting on chain position `index`.
-
-        `fork_first` makes the first unit also keep a stop-gradient copy of its input (the
-        embedding that the loss compares against), placed right after the main tensor.
-        """
-        units: list[Unit] = []
-        for i, (name, layer) in enumerate(zip(self.names, self.layers, strict=True)):
-            wrapped = Fork(layer) if (fork_first and i == 0) else At(layer, index)
-            units.append((f"{prefix}.{name}", wrapped))
-        return units
+    def units(self, prefix: str, index: int = 0) -> list[Unit]:
+        """Per-layer units acting on chain position `index` (the rest passes through)."""
+        return [(f"{prefix}.{name}", At(layer, index))
+                for name, layer in zip(self.names, self.layers, strict=True)]
 
 
 class DenseProjector(nn.Module):
@@ -64,10 +57,17 @@ class DenseProjector(nn.Module):
     With 3 layers there are two concatenation layers: [f, a] feeds the second FC and [f, a, b]
     the third (a, b = outputs of layers 1 and 2). Reusing the backbone features this way lets
     narrow layers (`dim`, 512 by default) replace SimSiam's 2048-wide projector, which holds most
-    of SimSiam's extra parameters. Every FC is followed by BN and ReLU, as the paper states.
+    of SimSiam's extra parameters. Every FC is followed by BN; every hidden FC also by ReLU.
+
+    `out_relu` decides the last layer. The paper puts BN + ReLU after every FC, which makes the
+    embedding non-negative: all embeddings crowd into one orthant and about half of each
+    dimension's spread is cut off (on EuroSAT after 96 steps the embedding std was 0.019 with the
+    ReLU, 0.029 without; 1/sqrt(512) = 0.044 is a fully spread embedding). SimSiam ends its
+    projector with BN and no ReLU; `out_relu=False` does the same (same parameter count).
     """
 
-    def __init__(self, in_dim: int, dim: int = 512, n_layers: int = 3) -> None:
+    def __init__(self, in_dim: int, dim: int = 512, n_layers: int = 3,
+                 out_relu: bool = True) -> None:
         super().__init__()
         if n_layers < 1:
             raise ValueError("a projector needs at least one layer")
@@ -75,24 +75,30 @@ class DenseProjector(nn.Module):
         self.fcs = nn.ModuleList(nn.Linear(w, dim) for w in widths)
         self.bns = nn.ModuleList(nn.BatchNorm1d(dim) for _ in widths)
         self.relu = nn.ReLU()
+        self.out_relu = out_relu
         self.in_dim, self.out_dim = in_dim, dim
 
     def forward(self, x: Tensor) -> Tensor:
         h = x
+        last = len(self.fcs) - 1
         for i, (fc, bn) in enumerate(zip(self.fcs, self.bns, strict=True)):
-            y = self.relu(bn(fc(h)))
-            h = torch.cat([h, y], dim=1) if i < len(self.fcs) - 1 else y
+            y = bn(fc(h))
+            if i < last or self.out_relu:
+                y = self.relu(y)
+            h = torch.cat([h, y], dim=1) if i < last else y
         return h
 
     def units(self, prefix: str = "projector") -> list[Unit]:
-        """fc (keeping its input), bn, relu, cat per layer; the last layer has no cat."""
+        """fc (keeping its input), bn, relu, cat per layer; the last layer has no cat (and no
+        relu unless `out_relu`)."""
         units: list[Unit] = []
         last = len(self.fcs) - 1
         for i, (fc, bn) in enumerate(zip(self.fcs, self.bns, strict=True)):
             k = i + 1
             units.append((f"{prefix}.fc{k}", At(fc) if i == last else Keep(fc)))
             units.append((f"{prefix}.bn{k}", At(bn)))
-            units.append((f"{prefix}.relu{k}", At(self.relu)))
+            if i < last or self.out_relu:
+                units.append((f"{prefix}.relu{k}", At(self.relu)))
             if i < last:
                 units.append((f"{prefix}.cat{k}", Concat()))
         return units

@@ -3,7 +3,7 @@
 Structure (defaults; ResNet-18 on 3 bands):
 
     backbone    ResNet-18 without classifier, 512-d features            11,176,512 parameters
-    projector   dense FC-BN-ReLU MLP: 512 -> 512, [f,a] 1024 -> 512,     1,577,472
+    projector   dense FC-BN(-ReLU) MLP: 512 -> 512, [f,a] 1024 -> 512,   1,577,472
                 [f,a,b] 1536 -> 512 (two concatenation layers)
     predictor   bottleneck 512 -> 128 (BN, ReLU) -> 512, no BN/ReLU out   131,968
     total                                                               12,885,952 (paper 12.82 M)
@@ -14,13 +14,18 @@ concatenation layers, and that the predictor is a bottleneck with a plain output
 dense projector (1.58 M) plus a predictor with SimSiam's 4x bottleneck ratio (512 -> 128 -> 512,
 0.13 M) lands 0.07 M above the paper (which does not give the widths).
 
-Partitionable units (28, the paper's p1..p28 of Fig. 13a):
+Deviation from the paper (default): the projector's last layer is FC-BN without ReLU, as in
+SimSiam. With the paper's ReLU the embedding is non-negative (see `DenseProjector`);
+`proj_out_relu=True` restores the paper-literal head (same parameters, one more unit).
+
+Partitionable units (28 by default, as many cut points as the paper's p1..p28 of Fig. 13a):
 
     1 backbone.conv1   2 backbone.bn1_relu   3 backbone.maxpool   4-11 backbone.layer{1-4}_{0,1}
     12 backbone.avgpool
     13 projector.fc1  14 .bn1  15 .relu1  16 .cat1  17 .fc2  18 .bn2  19 .relu2  20 .cat2
-    21 projector.fc3  22 .bn3  23 .relu3
-    24 predictor.fc1 (also keeps the stop-gradient copy sg(e))  25 .bn1  26 .relu1  27 .fc2
+    21 projector.fc3  22 .bn3  (+ .relu3 with proj_out_relu=True)
+    23 stop_grad: e -> (e, sg(e)), the detached copy the loss compares against
+    24 predictor.fc1  25 .bn1  26 .relu1  27 .fc2
     28 loss
 
 Sequential form (Fig. 3a): `chain_input` concatenates views a and b into one batch of 2N, the
@@ -40,6 +45,7 @@ from torch import Tensor, nn
 
 from hpcsrl.losses.cosine import lite_srl_loss, split_views
 from hpcsrl.models.base import SSLMethod
+from hpcsrl.models.chain import Fork
 from hpcsrl.models.heads import MLP, DenseProjector
 from hpcsrl.models.resnet import ResNet
 from hpcsrl.models.units import Unit
@@ -81,8 +87,10 @@ class StopGradSiamese(SSLMethod):
         return self.loss_fn(p_a, p_b, e_a, e_b)
 
     def units(self) -> list[Unit]:
+        """Backbone, projector, `stop_grad` (e -> (e, sg(e)), Fig. 3a), predictor, loss."""
         return [*self.backbone.units(), *self.projector.units("projector"),
-                *self.predictor.units("predictor", fork_first=True), ("loss", self.loss_unit)]
+                ("stop_grad", Fork(nn.Identity())), *self.predictor.units("predictor"),
+                ("loss", self.loss_unit)]
 
 
 class LiteSRL(StopGradSiamese):
@@ -91,10 +99,12 @@ class LiteSRL(StopGradSiamese):
     method = "lite-srl"
 
     def __init__(self, backbone: str = "resnet18", in_channels: int = 3, proj_dim: int = 512,
-                 proj_layers: int = 3, pred_hidden: int = 128) -> None:
+                 proj_layers: int = 3, pred_hidden: int = 128, proj_out_relu: bool = False
+                 ) -> None:
         net = ResNet(backbone, in_channels)
         super().__init__(
             dict(method=self.method, backbone=backbone, in_channels=in_channels,
-                 proj_dim=proj_dim, proj_layers=proj_layers, pred_hidden=pred_hidden),
-            net, DenseProjector(net.feature_dim, proj_dim, proj_layers),
+                 proj_dim=proj_dim, proj_layers=proj_layers, pred_hidden=pred_hidden,
+                 proj_out_relu=bool(proj_out_relu)),
+            net, DenseProjector(net.feature_dim, proj_dim, proj_layers, bool(proj_out_relu)),
             MLP(proj_dim, [pred_hidden], proj_dim))

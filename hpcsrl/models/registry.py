@@ -45,10 +45,18 @@ def build_method(name: str, backbone: str = "resnet18", in_channels: int = 3,
     return METHODS[name](backbone=backbone, in_channels=in_channels, **kw)
 
 
+# Options added after checkpoints were first written, with the behaviour those checkpoints had:
+# a config without the key was made by that older model and must be rebuilt the same way.
+LEGACY_OPTIONS: dict[str, dict[str, Any]] = {"lite-srl": {"proj_out_relu": True}}
+
+
 def model_from_config(config: dict[str, Any]) -> SSLMethod:
     """Rebuild a model from its `config` dict (as stored in checkpoints)."""
     cfg = dict(config)
-    return build_method(cfg.pop("method"), **cfg)
+    name = cfg.pop("method")
+    for key, value in LEGACY_OPTIONS.get(name, {}).items():
+        cfg.setdefault(key, value)
+    return build_method(name, **cfg)
 
 
 def model_from_checkpoint(path: str | os.PathLike, expect: dict[str, Any] | None = None

@@ -5,6 +5,10 @@ and the augmentations from a torch generator, both re-seeded at each epoch start
 model, optimiser and LR-scheduler state saved after every epoch (and the global RNG states, for
 anything else that draws from them), a resumed run repeats the uninterrupted one bit for bit.
 Labels are never used for training: only the held-out k-NN monitor reads them.
+
+After each epoch the BatchNorm statistics are re-estimated on clean patches (`precise_bn`), so
+the checkpoint's eval-mode encoder fits un-augmented full-size inputs even when the views were
+smaller (`input_size` 32 on 64-px chips trains about 3.5x faster per step on CPU).
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from hpcsrl.augment.views import ViewTransform, make_view_transform, two_views
+from hpcsrl.augment.views import DEFAULT_AUGMENT, ViewTransform, make_view_transform, two_views
 from hpcsrl.errors import UserError
 from hpcsrl.eval.features import extract
 from hpcsrl.fileio import atomic_path
@@ -33,13 +37,15 @@ from hpcsrl.models.base import SSLMethod
 from hpcsrl.models.registry import PAIRED_MODALITY_METHODS, build_method
 from hpcsrl.train import monitor
 from hpcsrl.train.checkpoint import read_checkpoint, rng_state, set_rng_state, write_checkpoint
+from hpcsrl.train.precise_bn import clean_batches, recalibrate
 from hpcsrl.train.schedules import CosineDecay, default_lr
 
 LOG_COLUMNS = ("epoch", "loss", "lr", "emb_std", "knn_acc", "seconds", "images_per_s")
 CHECKPOINT = "checkpoint.pt"
 # Options that must be unchanged for --resume to continue the same run.
 RESUME_KEYS = ("method", "backbone", "bands", "epochs", "batch_size", "input_size", "lr",
-               "weight_decay", "momentum", "seed", "limit", "monitor_samples", "method_options")
+               "weight_decay", "momentum", "seed", "limit", "monitor_samples", "method_options",
+               "augment")
 
 
 @dataclass
@@ -60,6 +66,9 @@ class PretrainConfig:
     knn_k: int = 20
     progress: bool = True
     method_options: dict[str, Any] = field(default_factory=dict)
+    augment: str = DEFAULT_AUGMENT  # view-strength preset (hpcsrl.augment.views)
+    precise_bn: int = 2048          # clean patches for BN statistics after each epoch (0: off)
+    in_memory: bool = False         # read every patch once and keep them in memory
 
     @property
     def base_lr(self) -> float:
@@ -133,6 +142,38 @@ def iter_batches(dataset: Any, batches: list[np.ndarray], workers: int) -> Itera
     yield from loader
 
 
+class MemoryPatches:
+    """A dataset's patches read once into memory; other attributes come from the dataset.
+
+    Random batch reads from an HDF5 file (above all a virtual dataset with one mapping per patch)
+    cost about as much as a training step on 32-px views; reading everything once in order
+    removes that from every step.
+    """
+
+    def __init__(self, dataset: Any, chunk: int = 2048, progress: bool = True) -> None:
+        self.dataset = dataset
+        n = len(dataset)
+        parts = [dataset.read_batch(np.arange(s, min(n, s + chunk)))[0]
+                 for s in tqdm(range(0, n, chunk), desc="loading patches", unit="chunk",
+                               leave=False, disable=not progress)]
+        self.x = torch.cat(parts) if parts else torch.empty(0)
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getattr__(self, name: str) -> Any:
+        if "dataset" not in self.__dict__:  # during unpickling
+            raise AttributeError(name)
+        return getattr(self.__dict__["dataset"], name)
+
+    def read_batch(self, indices: np.ndarray) -> tuple[Tensor, Tensor]:
+        idx = torch.as_tensor(np.asarray(indices, dtype=np.int64))
+        labels = getattr(self.dataset, "labels", None)
+        y = (torch.as_tensor(np.asarray(labels)[idx.numpy()]) if labels is not None
+             else torch.full((len(idx),), -1, dtype=torch.int64))
+        return self.x[idx], y
+
+
 class _Embedding(nn.Module):
     """model.embedding as a module (for the shared feature extractor)."""
 
@@ -160,9 +201,11 @@ class Pretrainer:
 
     def __init__(self, dataset: Any, cfg: PretrainConfig, out_dir: str | Path,
                  resume: bool = False) -> None:
-        self.ds, self.cfg, self.out = dataset, cfg, Path(out_dir)
         self.log = get_logger("hpcsrl.pretrain")
         self.rank0 = launcher_rank() == 0
+        if cfg.in_memory:
+            dataset = MemoryPatches(dataset, progress=cfg.progress and self.rank0)
+        self.ds, self.cfg, self.out = dataset, cfg, Path(out_dir)
         self.paired = cfg.method in PAIRED_MODALITY_METHODS
         if self.paired and getattr(dataset, "sensor", None) != "s1s2":
             raise UserError(f"--method {cfg.method} pairs Sentinel-2 with Sentinel-1: it needs "
@@ -177,6 +220,8 @@ class Pretrainer:
         torch.manual_seed(cfg.seed)
         self.model = build_method(cfg.method, cfg.backbone, in_channels=dataset.channels,
                                   **cfg.method_options)
+        # NHWC convolutions are about 10 % faster on CPU (oneDNN); values are unchanged.
+        self.model.to(memory_format=torch.channels_last)
         self.opt = torch.optim.SGD(self.model.parameters(), lr=cfg.base_lr,
                                    momentum=cfg.momentum, weight_decay=cfg.weight_decay)
         self.steps_per_epoch = len(epoch_batches(self.train_idx, cfg.batch_size, cfg.seed, 0))
@@ -184,7 +229,8 @@ class Pretrainer:
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, CosineDecay(self.total_steps))
         mean, std = band_stats(dataset)
         self.transform: ViewTransform | None = None if self.paired else make_view_transform(
-            dataset.sensor, dataset.band_names, cfg.input_size, mean=mean, std=std)
+            dataset.sensor, dataset.band_names, cfg.input_size, mean=mean, std=std,
+            augment=cfg.augment)
         self.history: list[dict[str, Any]] = []
         self.start_epoch = 0
         ckpt_path = self.out / CHECKPOINT
@@ -199,7 +245,7 @@ class Pretrainer:
     # --- state ------------------------------------------------------------------------------
     def _run_record(self) -> dict[str, Any]:
         rec = asdict(self.cfg)
-        for k in ("workers", "progress", "knn_k"):
+        for k in ("workers", "progress", "knn_k", "in_memory"):
             rec.pop(k)
         return rec
 
@@ -250,7 +296,8 @@ class Pretrainer:
                    desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", leave=False,
                    disable=not (cfg.progress and self.rank0))
         for i, x in enumerate(bar):
-            x_a, x_b = self._views(x.float(), g)
+            x_a, x_b = (v.contiguous(memory_format=torch.channels_last)
+                        for v in self._views(x.float(), g))
             loss = self.model(x_a, x_b)
             if not torch.isfinite(loss):
                 raise UserError(f"loss became {loss.item()} at epoch {epoch + 1}, batch {i + 1}: "
@@ -267,6 +314,17 @@ class Pretrainer:
             bar.set_postfix(loss=f"{loss.item():.4f}")
         bar.close()
         return total / max(1, len(batches)), images, time.perf_counter() - t0, lr
+
+    def recalibrate_bn(self) -> None:
+        """Precise BN (see `hpcsrl.train.precise_bn`): BN statistics of the encoder/embedding
+        from `precise_bn` clean training patches, at the size evaluation reads them."""
+        n = min(self.cfg.precise_bn, len(self.train_idx))
+        if n < 2:
+            return
+        idx = np.random.default_rng(_seed_for(self.cfg.seed, 11)).permutation(self.train_idx)[:n]
+        recalibrate(self.model.embedding, self.model,
+                    clean_batches(lambda i: self.ds.read_batch(i)[0], idx,
+                                  max(2, 2 * self.cfg.batch_size)))
 
     @torch.no_grad()
     def monitor(self) -> tuple[float, float]:
@@ -308,6 +366,7 @@ class Pretrainer:
         last = cfg.epochs if stop_after is None else min(cfg.epochs, stop_after)
         for epoch in range(self.start_epoch, last):
             loss, images, seconds, lr = self.train_epoch(epoch)
+            self.recalibrate_bn()
             std, acc = self.monitor()
             row = {"epoch": epoch + 1, "loss": loss, "lr": lr,
                    "emb_std": std, "knn_acc": acc, "seconds": seconds,
