@@ -44,9 +44,9 @@ AUGMENT_PRESETS: dict[str, AugmentParams] = {
     "paper": AugmentParams(),
     # Small chips (EuroSAT's 64 px, often trained at 32 px): the paper's crop and colour ops but
     # no blur. Its sigma range (0.1-2 px) was meant for 224-px views; on a 32-64 px view a 2-px
-    # sigma wipes out the texture that separates land-cover classes (measured on EuroSAT: with
-    # blur the probe stayed below a random encoder, without it it rose above). Weaker colour ops
-    # (no hue/grayscale) were tried too and learned slower.
+    # sigma wipes out the texture that separates land-cover classes (EuroSAT, 600 steps at 32 px:
+    # k-NN / linear-probe accuracy 0.50 / 0.47 with blur, 0.54 / 0.54 without; a random encoder
+    # gives 0.42 / 0.55). Dropping hue and grayscale too learned slower (0.44 / 0.51).
     "chips": AugmentParams(blur_p=0.0),
 }
 DEFAULT_AUGMENT = "chips"

@@ -26,7 +26,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm import tqdm
 
 from hpcsrl.augment.views import DEFAULT_AUGMENT, ViewTransform, make_view_transform, two_views
 from hpcsrl.errors import UserError
@@ -35,6 +34,7 @@ from hpcsrl.fileio import atomic_path
 from hpcsrl.log import get_logger, launcher_rank
 from hpcsrl.models.base import SSLMethod
 from hpcsrl.models.registry import PAIRED_MODALITY_METHODS, build_method
+from hpcsrl.progress import progress_bar
 from hpcsrl.train import monitor
 from hpcsrl.train.checkpoint import read_checkpoint, rng_state, set_rng_state, write_checkpoint
 from hpcsrl.train.precise_bn import clean_batches, recalibrate
@@ -154,8 +154,8 @@ class MemoryPatches:
         self.dataset = dataset
         n = len(dataset)
         parts = [dataset.read_batch(np.arange(s, min(n, s + chunk)))[0]
-                 for s in tqdm(range(0, n, chunk), desc="loading patches", unit="chunk",
-                               leave=False, disable=not progress)]
+                 for s in progress_bar(range(0, n, chunk), desc="loading patches",
+                                       unit="chunk", leave=False, disable=not progress)]
         self.x = torch.cat(parts) if parts else torch.empty(0)
 
     def __len__(self) -> int:
@@ -292,9 +292,9 @@ class Pretrainer:
         g = torch.Generator().manual_seed(_seed_for(cfg.seed, epoch, 2))
         self.model.train()
         total, images, lr, t0 = 0.0, 0, float("nan"), time.perf_counter()
-        bar = tqdm(iter_batches(self.ds, batches, cfg.workers), total=len(batches),
-                   desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", leave=False,
-                   disable=not (cfg.progress and self.rank0))
+        bar = progress_bar(iter_batches(self.ds, batches, cfg.workers), total=len(batches),
+                           desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", leave=False,
+                           disable=not (cfg.progress and self.rank0))
         for i, x in enumerate(bar):
             x_a, x_b = (v.contiguous(memory_format=torch.channels_last)
                         for v in self._views(x.float(), g))
