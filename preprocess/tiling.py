@@ -232,9 +232,9 @@ def bilinear_upsample(native: np.ndarray, src_row0: int, n_src_rows: int, factor
         x = x[lo_r] * (1 - wr)[:, None] + x[hi_r] * wr[:, None]
         return x[:, lo_c] * (1 - wc) + x[:, hi_c] * wc
 
-    if nodata is None:
+    valid = None if nodata is None else a != nodata
+    if valid is None or valid.all():  # the common case: one interpolation, no renormalising
         return interp(a).astype(np.float32)
-    valid = a != nodata
     num, den = interp(np.where(valid, a, 0.0)), interp(valid.astype(np.float64))
     ok = (den > 0) & valid[cr][:, cc]
     out = np.full((n_rows, n_cols), nodata, np.float64)
