@@ -57,6 +57,25 @@ class SSLMethod(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
+class MomentumMethod(SSLMethod):
+    """A method comparing the online backbone + projector with a momentum copy (BYOL, MoCo-v2).
+
+    The chain value is `(x, x)`: the online layers act on position 0 while the raw batch rides
+    along to the last unit, which runs the momentum copy on it.
+    """
+
+    def _online(self) -> nn.Module:
+        """The online modules mirrored by the momentum copy, in the copy's parameter order."""
+        return nn.Sequential(self.backbone, self.projector)
+
+    def embedding(self, x: Tensor) -> Tensor:
+        return self.projector(self.backbone(x))
+
+    def chain_input(self, x_a: Tensor, x_b: Tensor) -> tuple[Tensor, Tensor]:
+        x = torch.cat([x_a, x_b], dim=0)
+        return x, x
+
+
 class MomentumTarget(nn.Module):
     """A frozen copy of online modules, updated as an exponential moving average (BYOL, MoCo).
 

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from hpcsrl.losses.byol import byol_loss
 from hpcsrl.losses.cosine import split_views
-from hpcsrl.models.base import MomentumTarget, SSLMethod, momentum_schedule
+from hpcsrl.models.base import MomentumMethod, MomentumTarget, momentum_schedule
 from hpcsrl.models.chain import At
 from hpcsrl.models.heads import MLP
 from hpcsrl.models.resnet import ResNet
@@ -38,7 +38,7 @@ class TargetLoss(nn.Module):
         return byol_loss(*split_views(p), *split_views(self.target(x)))
 
 
-class BYOL(SSLMethod):
+class BYOL(MomentumMethod):
     method = "byol"
 
     def __init__(self, backbone: str = "resnet18", in_channels: int = 3, proj_hidden: int = 4096,
@@ -52,21 +52,11 @@ class BYOL(SSLMethod):
         self.target = MomentumTarget(self._online())
         self.tau = tau
 
-    def _online(self) -> nn.Module:
-        """The online modules mirrored by the target, in the target's parameter order."""
-        return nn.Sequential(self.backbone, self.projector)
-
-    def embedding(self, x: Tensor) -> Tensor:
-        return self.projector(self.backbone(x))
 
     def forward(self, x_a: Tensor, x_b: Tensor) -> Tensor:
         x = torch.cat([x_a, x_b], dim=0)
         p = self.predictor(self.embedding(x))
         return byol_loss(*split_views(p), *split_views(self.target(x)))
-
-    def chain_input(self, x_a: Tensor, x_b: Tensor) -> tuple[Tensor, Tensor]:
-        x = torch.cat([x_a, x_b], dim=0)
-        return x, x
 
     def units(self) -> list[Unit]:
         return [*((name, At(m)) for name, m in self.backbone.units()),

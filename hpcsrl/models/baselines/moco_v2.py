@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from hpcsrl.losses.cosine import split_views
 from hpcsrl.losses.infonce import moco_infonce
-from hpcsrl.models.base import MomentumTarget, SSLMethod
+from hpcsrl.models.base import MomentumMethod, MomentumTarget
 from hpcsrl.models.chain import At
 from hpcsrl.models.heads import MLP
 from hpcsrl.models.resnet import ResNet
@@ -60,7 +60,7 @@ class MoCoLoss(nn.Module):
         return 0.5 * (moco_infonce(q_a, k_b, keys, t) + moco_infonce(q_b, k_a, keys, t))
 
 
-class MoCoV2(SSLMethod):
+class MoCoV2(MomentumMethod):
     method = "moco-v2"
 
     def __init__(self, backbone: str = "resnet18", in_channels: int = 3, proj_hidden: int = 512,
@@ -76,19 +76,10 @@ class MoCoV2(SSLMethod):
         self.loss_unit = MoCoLoss(self.key, self.queue, temperature)
         self.tau = tau
 
-    def _online(self) -> nn.Module:
-        return nn.Sequential(self.backbone, self.projector)
-
-    def embedding(self, x: Tensor) -> Tensor:
-        return self.projector(self.backbone(x))
 
     def forward(self, x_a: Tensor, x_b: Tensor) -> Tensor:
         x = torch.cat([x_a, x_b], dim=0)
         return self.loss_unit((self.embedding(x), x))
-
-    def chain_input(self, x_a: Tensor, x_b: Tensor) -> tuple[Tensor, Tensor]:
-        x = torch.cat([x_a, x_b], dim=0)
-        return x, x
 
     def units(self) -> list[Unit]:
         return [*((name, At(m)) for name, m in self.backbone.units()),
