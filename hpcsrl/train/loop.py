@@ -80,12 +80,11 @@ def _seed_for(*words: int) -> int:
 
 
 def band_stats(dataset: Any) -> tuple[np.ndarray | None, np.ndarray | None]:
-    """Per-band mean/std the dataset normalised with (public `mean`/`std`, else `_mean`/`_std`)."""
-    for m, s in (("mean", "std"), ("_mean", "_std")):
-        mean, std = getattr(dataset, m, None), getattr(dataset, s, None)
-        if mean is not None and std is not None:
-            return np.asarray(mean, np.float32).reshape(-1), np.asarray(std, np.float32).reshape(-1)
-    return None, None
+    """Per-band mean/std the dataset normalised with (None, None for data without them)."""
+    mean, std = getattr(dataset, "mean", None), getattr(dataset, "std", None)
+    if mean is None or std is None:
+        return None, None
+    return np.asarray(mean, np.float32).reshape(-1), np.asarray(std, np.float32).reshape(-1)
 
 
 def split_indices(n: int, labels: np.ndarray | None, cfg: PretrainConfig
