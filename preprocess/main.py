@@ -130,8 +130,11 @@ def make_plan(args: argparse.Namespace, n_ranks: int, discover=None) -> Plan:
         raise UserError(f"--input {args.input}: no such folder")
     if args.output.is_dir():
         raise UserError(f"--output {args.output}: is a folder; give a file name such as out.h5")
-    if not args.output.parent.is_dir():
-        raise UserError(f"--output {args.output}: folder {args.output.parent} does not exist")
+    try:  # like `mkdir -p`: batch scripts often name a fresh results folder
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"--output {args.output}: cannot create folder {args.output.parent} "
+                        f"({exc.strerror}); choose a writable location") from None
     if discover is None:
         from preprocess.readers import discover
     lists = lists_attr(args.exclude)

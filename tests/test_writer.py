@@ -212,6 +212,13 @@ def test_option_errors_are_one_line(scenes, tmp_path, capsys):
     assert "multiple of 6" in capsys.readouterr().err
     assert drive(d, tmp_path / "o.h5", scene_set(sc), "--patch-size", "600") == 2
     assert "lower --patch-size" in capsys.readouterr().err
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    assert drive(d, blocked / "sub" / "o.h5", scene_set(sc)) == 2
+    assert "cannot create folder" in capsys.readouterr().err
+    assert not any(tmp_path.glob("new/**/*.h5"))
+    assert drive(d, tmp_path / "new" / "results" / "o.h5", scene_set(sc)) == 0  # made, like -p
+    assert (tmp_path / "new" / "results" / "o.h5").is_file()
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--help"])
     assert "--assignment" in capsys.readouterr().out

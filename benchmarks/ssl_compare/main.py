@@ -42,12 +42,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--bands", default="rgb", help="band set (rgb, s2-10m, s2, s1)")
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated method names")
     p.add_argument("--backbone", default="resnet18")
-    p.add_argument("--batch-size", type=int, default=32, help="same batch for every method")
-    p.add_argument("--input-size", type=int, default=64, help="view side (px), same for all")
+    p.add_argument("--batch-size", type=int, default=64, help="same batch for every method")
+    p.add_argument("--input-size", type=int, default=32,
+                   help="view side (px), same for all (default 32: the EuroSAT recipe)")
     p.add_argument("--warmup", type=int, default=2, help="untimed iterations per method")
     p.add_argument("--rounds", type=int, default=9, help="timed round-robin iterations per method")
     p.add_argument("--memory-steps", type=int, default=3, help="training steps per memory probe")
     p.add_argument("--pretrain-epochs", type=int, default=1, help="equal budget for every method")
+    p.add_argument("--lr", type=float, default=None,
+                   help="pre-training base lr for every method (default: the trainer's)")
+    p.add_argument("--augment", default="chips", help="augmentation preset for every method")
     p.add_argument("--pretrain-samples", type=int, default=512,
                    help="patches used for pre-training (0 = all)")
     p.add_argument("--eval-samples", type=int, default=1500,
@@ -160,7 +164,8 @@ def sample_batch(args: argparse.Namespace):
                                                           replace=len(ds) < args.batch_size))
     x = ds.read_batch(idx)[0]
     mean, std = band_stats(ds)
-    tf = make_view_transform(ds.sensor, ds.band_names, args.input_size, mean=mean, std=std)
+    tf = make_view_transform(ds.sensor, ds.band_names, args.input_size, mean=mean, std=std,
+                             augment=args.augment)
     x_a, x_b = two_views(tf, x, torch.Generator().manual_seed(args.seed))
     return x_a, x_b, ds.channels
 
@@ -219,6 +224,7 @@ def measure_accuracy(args: argparse.Namespace, work: Path) -> tuple[list[dict], 
                              epochs=args.pretrain_epochs, batch_size=args.batch_size,
                              input_size=args.input_size, seed=args.seed,
                              limit=args.pretrain_samples or None, monitor_samples=256,
+                             lr=args.lr, augment=args.augment, in_memory=True,
                              progress=sys.stderr.isatty())
         # the folder names the budget and hashes every model and trainer setting, so a cached
         # pre-training is only reused for exactly the same run (changed defaults start afresh)

@@ -10,7 +10,8 @@ from hpcsrl.errors import UserError
 
 METHOD_NAMES = ("lite-srl", "simsiam", "byol", "simclr", "moco-v2", "dual-simclr")
 BACKBONE_NAMES = ("resnet18", "resnet34", "resnet50")
-AUGMENT_NAMES = ("chips", "paper")  # hpcsrl.augment.views.AUGMENT_PRESETS (kept torch-free)
+# = hpcsrl.augment.views.AUGMENT_PRESETS (spelled out so --help stays torch-free; a test checks)
+AUGMENT_NAMES = ("chips", "chips-hue", "chips-native", "paper")
 # Set by mpirun / srun / horovodrun: several processes then share the node's cores.
 LAUNCHER_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "SLURM_STEP_ID", "SLURM_JOB_ID",
                  "HOROVOD_RANK")
