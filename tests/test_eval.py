@@ -188,6 +188,47 @@ def test_freeze_protocol_leaves_encoder_bit_identical_and_reports(tmp_path):
     assert len(per_class) == 4 * 3
 
 
+class SizeRecorder(TinyEncoder):
+    """Remembers the input sizes it was fed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sizes: set[tuple[int, int]] = set()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.sizes.add(tuple(x.shape[-2:]))
+        return super().forward(x)
+
+
+def test_input_size_resizes_recalibrates_on_the_pool_only_and_keeps_the_callers_encoder(
+        tmp_path):
+    x, y = separable_images()
+    enc = SizeRecorder()
+    snapshot = copy.deepcopy(enc.state_dict())
+    seen: list[int] = []
+
+    def reader(idx):
+        seen.extend(int(i) for i in np.asarray(idx))
+        return x[np.asarray(idx)]
+
+    spec = EvalSpec(modes=("freeze",), fractions=(0.5,), tsne=False, input_size=16,
+                    bn_samples=20, fit=FAST)
+    rows = run_protocol(LabelledData(reader, y, ["a", "b", "c"]), {"tiny": enc}, spec, tmp_path)
+    assert [r["encoder"] for r in rows] == ["tiny", "channel-stats"]
+    for name, t in enc.state_dict().items():  # the caller's encoder is untouched
+        assert torch.equal(t, snapshot[name]), name
+    assert enc.sizes == set()  # only its resized copy ran ...
+    import json
+    split = json.loads((tmp_path / "split.json").read_text())
+    calibration = seen[:20]  # ... and its BN statistics came from 20 pool patches, no test ones
+    assert not set(calibration) & set(split["test"])
+    wrapped = run_protocol.__globals__["resized_encoders"](
+        {"t": SizeRecorder()}, array_reader(x), np.arange(len(y)), spec)["t"]
+    wrapped.eval()(torch.from_numpy(x[:4]))
+    assert wrapped.encoder.sizes == {(16, 16)}
+    assert not torch.equal(wrapped.encoder.net[1].running_mean, torch.zeros(8))
+
+
 def test_freeze_protocol_fails_loudly_when_the_encoder_changes(tmp_path):
     x, y = separable_images()
     spec = EvalSpec(modes=("freeze",), fractions=(0.5,), tsne=False, knn_floor=False, fit=FAST)

@@ -42,6 +42,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="split, initialisation and shuffling seed")
     p.add_argument("--max-samples", type=int, default=None,
                    help="evaluate on a stratified subsample of this many labelled patches")
+    p.add_argument("--input-size", type=int, default=None, metavar="PX",
+                   help="resize patches to PX x PX (bilinear) before every encoder; their "
+                   "BatchNorm statistics are re-estimated at that size on --bn-samples "
+                   "unlabelled training-pool patches (default: the patch size, no resizing). "
+                   "The paper feeds EuroSAT's 64-px chips at 224 px")
+    p.add_argument("--bn-samples", type=int, default=2048,
+                   help="patches for the BatchNorm statistics with --input-size (default 2048)")
     p.add_argument("--random-init", action="store_true",
                    help="evaluate only a randomly initialised encoder (no checkpoint)")
     p.add_argument("--method", default="lite-srl", help="architecture for --random-init")
@@ -126,6 +133,10 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(f"--{opt.replace('_', '-')} must be >= 1")
     if args.finetune_epochs is not None and args.finetune_epochs < 1:
         raise UserError("--finetune-epochs must be >= 1")
+    if args.input_size is not None and args.input_size < 8:
+        raise UserError("--input-size must be >= 8 pixels")
+    if args.bn_samples < 0:
+        raise UserError("--bn-samples must be >= 0")
     if args.max_samples is not None and args.max_samples < 2:
         raise UserError("--max-samples must be >= 2")
 
@@ -162,7 +173,8 @@ def run(args: argparse.Namespace) -> int:
     spec = EvalSpec(modes=modes, fractions=fractions, test_fraction=args.test_fraction,
                     seed=args.seed, max_samples=args.max_samples,
                     knn_floor=not args.no_knn_floor, tsne=not args.no_tsne,
-                    tsne_points=args.tsne_points, fit=fit)
+                    tsne_points=args.tsne_points, input_size=args.input_size,
+                    bn_samples=args.bn_samples, fit=fit)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     multi = ds.multi_hot if is_multilabel(ds.multi_hot) else None

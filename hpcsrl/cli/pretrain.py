@@ -57,7 +57,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="patches for the collapse / k-NN monitor (half held out when labelled)")
     p.add_argument("--augment", default="chips", choices=AUGMENT_NAMES,
                    help="view strength: chips (default: the paper's crop and colour ops without "
-                   "the blur that wipes out texture on small chips) or paper (its 224-px recipe)")
+                   "the blur that wipes out texture on small chips), chips-hue (no hue turns or "
+                   "grayscale), chips-native (crops of 15-50 %% of the patch, so 32-px views of "
+                   "64-px chips keep their ground resolution) or paper (its 224-px recipe)")
     p.add_argument("--method-option", action="append", default=[], metavar="KEY=VALUE",
                    help="head/loss option of the method, repeatable (e.g. proj_out_relu=1 for "
                    "the paper-literal Lite-SRL projector); see hpcsrl.models.registry")

@@ -15,7 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 from torch import nn
+from torch.nn import functional as F
 
 from hpcsrl.eval import metrics
 from hpcsrl.eval.features import BatchReader, extract, state_digest, verify_unchanged
@@ -25,6 +27,7 @@ from hpcsrl.eval.report import REPORT_COLUMNS, write_confusion_csv, write_csv
 from hpcsrl.eval.splits import nested_label_fractions, stratified_subsample, stratified_test_split
 from hpcsrl.eval.train import FitConfig, fine_tune, fit_linear, predict
 from hpcsrl.fileio import write_json
+from hpcsrl.train.precise_bn import recalibrate
 
 MODES = ("freeze", "finetune")
 KNN_NAME = "channel-stats"
@@ -53,7 +56,52 @@ class EvalSpec:
     tsne: bool = True
     tsne_points: int = 2000
     feature_batch: int = 256
+    input_size: int | None = None           # resize patches to this side before every encoder
+    bn_samples: int = 2048                  # pool patches for BN statistics at input_size
     fit: FitConfig = field(default_factory=FitConfig)
+
+
+class ResizedInput(nn.Module):
+    """An encoder fed patches resized (bilinear, antialiased) to `size` x `size` first.
+
+    ResNets with the ImageNet stem reduce their input 32-fold, so a 64-px chip ends as 2 x 2
+    cells; the source paper feeds EuroSAT up-sampled to 224 px. Resizing inside the encoder
+    keeps the channel-statistics floor on the original pixels.
+    """
+
+    def __init__(self, encoder: nn.Module, size: int) -> None:
+        super().__init__()
+        self.encoder, self.size = encoder, size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if tuple(x.shape[-2:]) != (self.size, self.size):
+            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear",
+                              align_corners=False, antialias=True)
+        return self.encoder(x)
+
+
+def resized_encoders(encoders: Mapping[str, nn.Module], read: BatchReader, pool: np.ndarray,
+                     spec: EvalSpec) -> dict[str, nn.Module]:
+    """Copies of `encoders` behind `ResizedInput`, BatchNorm statistics re-estimated at the new
+    size on `spec.bn_samples` clean patches of the training pool (never the test set; no labels).
+
+    Running statistics gathered at another input size describe other activations; without this
+    the frozen features at the new size are skewed (EuroSAT, 32-px pre-training: OA at 128 px
+    depends on it).
+    """
+    rng = np.random.default_rng(spec.seed)
+    n = min(spec.bn_samples, len(pool))
+    cal = np.sort(rng.choice(pool, n, replace=False)) if n else pool[:0]
+    out: dict[str, nn.Module] = {}
+    for name, enc in encoders.items():
+        wrapped = ResizedInput(copy.deepcopy(enc), int(spec.input_size or 0))
+        if n >= 2:
+            batches = (torch.as_tensor(np.asarray(read(cal[s:s + spec.feature_batch]))).float()
+                       for s in range(0, n, spec.feature_batch))
+            with torch.no_grad():
+                recalibrate(wrapped, wrapped, batches)
+        out[name] = wrapped.train(enc.training)
+    return out
 
 
 def is_multilabel(multi_hot: np.ndarray | None) -> bool:
@@ -117,7 +165,8 @@ def run_protocol(data: LabelledData, encoders: Mapping[str, nn.Module], spec: Ev
 
     Writes into `out_dir`: report.csv, per_class.csv, split.json, confusion_*.csv/png and
     tsne_*.png. Freeze runs never touch the encoder (checked by digest); fine-tune runs work on
-    deep copies, so the caller's encoders are unchanged afterwards either way.
+    deep copies, so the caller's encoders are unchanged afterwards either way. With
+    `spec.input_size` every encoder is evaluated as a resized copy (see `resized_encoders`).
     """
     log = log or logging.getLogger("hpcsrl.eval")
     out = Path(out_dir)
@@ -140,6 +189,10 @@ def run_protocol(data: LabelledData, encoders: Mapping[str, nn.Module], spec: Ev
     write_json(out / "split.json", {
         "seed": spec.seed, "test_fraction": spec.test_fraction, "n_pool": int(len(pool)),
         "test": test.tolist(), "train": {f"{f:g}": idx.tolist() for f, idx in subsets.items()}})
+    if spec.input_size:
+        encoders = resized_encoders(encoders, data.read, pool, spec)
+        log.info("encoders fed %d-px patches; BatchNorm statistics from %d pool patches",
+                 spec.input_size, min(spec.bn_samples, len(pool)))
     used = np.union1d(test, np.unique(np.concatenate(list(subsets.values()))))
     pos = {int(i): p for p, i in enumerate(used)}          # sample index -> row in feature arrays
 
