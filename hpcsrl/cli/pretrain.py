@@ -11,7 +11,7 @@ from hpcsrl.errors import UserError
 METHOD_NAMES = ("lite-srl", "simsiam", "byol", "simclr", "moco-v2", "dual-simclr")
 BACKBONE_NAMES = ("resnet18", "resnet34", "resnet50")
 # = hpcsrl.augment.views.AUGMENT_PRESETS (spelled out so --help stays torch-free; a test checks)
-AUGMENT_NAMES = ("chips", "chips-hue", "chips-native", "paper")
+AUGMENT_NAMES = ("chips", "chips-native", "paper")
 # Set by mpirun / srun / horovodrun: several processes then share the node's cores.
 LAUNCHER_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "SLURM_STEP_ID", "SLURM_JOB_ID",
                  "HOROVOD_RANK")
@@ -57,8 +57,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="patches for the collapse / k-NN monitor (half held out when labelled)")
     p.add_argument("--augment", default="chips", choices=AUGMENT_NAMES,
                    help="view strength: chips (default: the paper's crop and colour ops without "
-                   "the blur that wipes out texture on small chips), chips-hue (no hue turns or "
-                   "grayscale), chips-native (crops of 15-50 %% of the patch, so 32-px views of "
+                   "the blur that wipes out texture on small chips), chips-native (crops of "
+                   "15-50 %% of the patch, so 32-px views of "
                    "64-px chips keep their ground resolution) or paper (its 224-px recipe)")
     p.add_argument("--method-option", action="append", default=[], metavar="KEY=VALUE",
                    help="head/loss option of the method, repeatable (e.g. proj_out_relu=1 for "
