@@ -20,6 +20,7 @@ mpirun --oversubscribe --bind-to none --map-by slot -np "$NP" \
   hpcsrl-preprocess --input "$OUT/scenes" --output "$OUT/patches.h5" --patch-size 48 --max-cloud 0.3
 
 step "3/6 Lite-SRL self-supervised pre-training (labels hidden)"
+rm -rf "$OUT/pretrain"  # a re-run of the demo trains afresh (pretrain refuses to overwrite a run)
 hpcsrl pretrain --data "$OUT/patches.h5" --bands s2 --method lite-srl --backbone resnet18 \
   --epochs 2 --batch-size 32 --input-size 32 --out "$OUT/pretrain"
 
