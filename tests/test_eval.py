@@ -223,7 +223,7 @@ def test_input_size_resizes_recalibrates_on_the_pool_only_and_keeps_the_callers_
     calibration = seen[:20]  # ... and its BN statistics came from 20 pool patches, no test ones
     assert not set(calibration) & set(split["test"])
     wrapped = run_protocol.__globals__["resized_encoders"](
-        {"t": SizeRecorder()}, array_reader(x), np.arange(len(y)), spec)["t"]
+        {"t": SizeRecorder()}, array_reader(x), np.arange(len(y)), 16, spec)["t"]
     wrapped.eval()(torch.from_numpy(x[:4]))
     assert wrapped.encoder.sizes == {(16, 16)}
     assert not torch.equal(wrapped.encoder.net[1].running_mean, torch.zeros(8))

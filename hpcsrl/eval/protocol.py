@@ -20,14 +20,20 @@ from torch import nn
 from torch.nn import functional as F
 
 from hpcsrl.eval import metrics
-from hpcsrl.eval.features import BatchReader, extract, state_digest, verify_unchanged
+from hpcsrl.eval.features import (
+    BatchReader,
+    as_tensor,
+    extract,
+    state_digest,
+    verify_unchanged,
+)
 from hpcsrl.eval.floors import knn_predict
 from hpcsrl.eval.plots import plot_confusion, plot_tsne, tsne_embed
 from hpcsrl.eval.report import REPORT_COLUMNS, write_confusion_csv, write_csv
 from hpcsrl.eval.splits import nested_label_fractions, stratified_subsample, stratified_test_split
 from hpcsrl.eval.train import FitConfig, fine_tune, fit_linear, predict
 from hpcsrl.fileio import write_json
-from hpcsrl.train.precise_bn import recalibrate
+from hpcsrl.train.precise_bn import clean_batches, recalibrate
 
 MODES = ("freeze", "finetune")
 KNN_NAME = "channel-stats"
@@ -81,9 +87,10 @@ class ResizedInput(nn.Module):
 
 
 def resized_encoders(encoders: Mapping[str, nn.Module], read: BatchReader, pool: np.ndarray,
-                     spec: EvalSpec) -> dict[str, nn.Module]:
-    """Copies of `encoders` behind `ResizedInput`, BatchNorm statistics re-estimated at the new
-    size on `spec.bn_samples` clean patches of the training pool (never the test set; no labels).
+                     size: int, spec: EvalSpec) -> dict[str, nn.Module]:
+    """Copies of `encoders` behind `ResizedInput(size)`, BatchNorm statistics re-estimated at
+    that size on `spec.bn_samples` clean patches of the training pool (never the test set, no
+    labels).
 
     Running statistics gathered at another input size describe other activations; without this
     the frozen features at the new size are skewed (EuroSAT, 32-px pre-training: OA at 128 px
@@ -94,12 +101,9 @@ def resized_encoders(encoders: Mapping[str, nn.Module], read: BatchReader, pool:
     cal = np.sort(rng.choice(pool, n, replace=False)) if n else pool[:0]
     out: dict[str, nn.Module] = {}
     for name, enc in encoders.items():
-        wrapped = ResizedInput(copy.deepcopy(enc), int(spec.input_size or 0))
-        if n >= 2:
-            batches = (torch.as_tensor(np.asarray(read(cal[s:s + spec.feature_batch]))).float()
-                       for s in range(0, n, spec.feature_batch))
-            with torch.no_grad():
-                recalibrate(wrapped, wrapped, batches)
+        wrapped = ResizedInput(copy.deepcopy(enc), size)
+        recalibrate(wrapped, wrapped,
+                    clean_batches(lambda i: as_tensor(read(i)), cal, spec.feature_batch))
         out[name] = wrapped.train(enc.training)
     return out
 
@@ -190,7 +194,7 @@ def run_protocol(data: LabelledData, encoders: Mapping[str, nn.Module], spec: Ev
         "seed": spec.seed, "test_fraction": spec.test_fraction, "n_pool": int(len(pool)),
         "test": test.tolist(), "train": {f"{f:g}": idx.tolist() for f, idx in subsets.items()}})
     if spec.input_size:
-        encoders = resized_encoders(encoders, data.read, pool, spec)
+        encoders = resized_encoders(encoders, data.read, pool, spec.input_size, spec)
         log.info("encoders fed %d-px patches; BatchNorm statistics from %d pool patches",
                  spec.input_size, min(spec.bn_samples, len(pool)))
     used = np.union1d(test, np.unique(np.concatenate(list(subsets.values()))))

@@ -17,6 +17,7 @@ from torch.nn import functional as F
 
 from hpcsrl.eval.features import BatchReader, as_tensor
 from hpcsrl.progress import progress_bar
+from hpcsrl.train.precise_bn import recalibrate
 
 
 @dataclass
@@ -149,31 +150,6 @@ class _TrainInputs:
         return as_tensor(self.read(self.indices[positions])).float()
 
 
-@torch.no_grad()
-def recalibrate_batchnorm(encoder: nn.Module, inputs: _TrainInputs, n: int,
-                          batch_size: int) -> None:
-    """Re-estimate BatchNorm running statistics with the final weights (exact averages).
-
-    During fine-tuning the running statistics trail weights that keep changing; after a short run
-    they still mostly reflect the starting encoder, and eval-mode features would be skewed. One
-    pass over the (unaugmented) training inputs makes them match the weights being evaluated.
-    """
-    bns = [m for m in encoder.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if not bns or n < 2:
-        return
-    saved = [m.momentum for m in bns]
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative average over the pass
-    encoder.train()
-    for s in range(0, n, batch_size):
-        positions = np.arange(s, min(n, s + batch_size))
-        if len(positions) > 1:
-            encoder(inputs(positions))
-    for m, momentum in zip(bns, saved, strict=True):
-        m.momentum = momentum
-
-
 def fine_tune(encoder: nn.Module, feature_dim: int, read: BatchReader, train_idx: np.ndarray,
               labels: np.ndarray, n_classes: int, cfg: FitConfig,
               multi_hot: np.ndarray | None = None, init_feats: np.ndarray | None = None) -> Head:
@@ -221,6 +197,10 @@ def fine_tune(encoder: nn.Module, feature_dim: int, read: BatchReader, train_idx
             bar.update()
             bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
     bar.close()
-    recalibrate_batchnorm(encoder, inputs, len(train_idx), cfg.batch_size)
+    # The running statistics trail weights that kept changing (after a short run they still mostly
+    # describe the starting encoder): one clean pass makes them match the weights evaluated.
+    n = len(train_idx)
+    recalibrate(encoder, encoder, (inputs(np.arange(s, min(n, s + cfg.batch_size)))
+                                   for s in range(0, n, cfg.batch_size)))
     encoder.eval()
     return head

@@ -52,7 +52,6 @@ class BYOL(MomentumMethod):
         self.target = MomentumTarget(self._online())
         self.tau = tau
 
-
     def forward(self, x_a: Tensor, x_b: Tensor) -> Tensor:
         x = torch.cat([x_a, x_b], dim=0)
         p = self.predictor(self.embedding(x))

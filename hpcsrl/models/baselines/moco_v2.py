@@ -76,7 +76,6 @@ class MoCoV2(MomentumMethod):
         self.loss_unit = MoCoLoss(self.key, self.queue, temperature)
         self.tau = tau
 
-
     def forward(self, x_a: Tensor, x_b: Tensor) -> Tensor:
         x = torch.cat([x_a, x_b], dim=0)
         return self.loss_unit((self.embedding(x), x))
