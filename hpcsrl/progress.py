@@ -17,7 +17,14 @@ LOG_INTERVAL_S = 30.0
 
 
 class _LogLineBar(tqdm):
-    """tqdm that writes each refresh as its own line (for files and pipes)."""
+    """tqdm that writes each refresh as its own line (for files and pipes), at most once per
+    `mininterval`: postfix updates never force a line of their own."""
+
+    def set_postfix(self, ordered_dict: Any = None, refresh: bool = True, **kwargs: Any) -> None:
+        super().set_postfix(ordered_dict, refresh=False, **kwargs)
+
+    def set_description(self, desc: str | None = None, refresh: bool = True) -> None:
+        super().set_description(desc, refresh=False)
 
     def display(self, msg: str | None = None, pos: int | None = None) -> bool:
         text = self.__str__() if msg is None else msg

@@ -9,17 +9,10 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from sklearn import metrics as skm
 from torch import nn
 
 from hpcsrl.eval import metrics
-from hpcsrl.eval.features import (
-    EncoderChanged,
-    channel_stats,
-    extract,
-    state_digest,
-    verify_unchanged,
-)
-from hpcsrl.eval.floors import knn_predict
 from hpcsrl.eval.protocol import EvalSpec, LabelledData, is_multilabel, run_protocol
 from hpcsrl.eval.report import read_csv
 from hpcsrl.eval.splits import (
@@ -28,6 +21,14 @@ from hpcsrl.eval.splits import (
     stratified_test_split,
 )
 from hpcsrl.eval.train import FitConfig, fine_tune, fit_linear, predict
+from hpcsrl.features.extract import (
+    EncoderChanged,
+    channel_stats,
+    extract,
+    state_digest,
+    verify_unchanged,
+)
+from hpcsrl.features.knn import knn_predict
 
 torch.set_num_threads(1)
 
@@ -76,7 +77,6 @@ FAST = FitConfig(epochs=3, batch_size=16, progress=False)
 
 # ------------------------------------------------------------------------------- metrics
 def test_metrics_match_sklearn_on_random_labels():
-    skm = pytest.importorskip("sklearn.metrics")
     rng = np.random.default_rng(1)
     for k in (2, 5, 7):
         y = rng.integers(0, k, 300)
@@ -96,7 +96,6 @@ def test_metrics_match_sklearn_on_random_labels():
 
 
 def test_multilabel_f1_matches_sklearn():
-    skm = pytest.importorskip("sklearn.metrics")
     rng = np.random.default_rng(2)
     t = (rng.random((200, 6)) < 0.3).astype(np.uint8)
     t[:, 5] = 0  # a label nobody has
@@ -386,7 +385,7 @@ def test_cli_one_line_errors(tmp_path, capsys):
 
 
 def test_cli_rejects_a_foreign_checkpoint(tmp_path, capsys):
-    registry = pytest.importorskip("hpcsrl.models.registry")
+    from hpcsrl.models import registry
     from hpcsrl.train.checkpoint import write_checkpoint
 
     labelled = tmp_path / "labels.h5"
@@ -408,7 +407,6 @@ def test_cli_rejects_a_foreign_checkpoint(tmp_path, capsys):
 @pytest.mark.slow
 def test_cli_end_to_end_pretrain_then_evaluate(tmp_path, capsys):
     """A real `hpcsrl pretrain` checkpoint, evaluated without --bands (the checkpoint has them)."""
-    pytest.importorskip("hpcsrl.train.loop")
     from hpcsrl.cli.main import main
 
     data = tmp_path / "labels.h5"
@@ -431,7 +429,6 @@ def test_cli_end_to_end_pretrain_then_evaluate(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_cli_end_to_end_random_init(tmp_path, capsys):
-    pytest.importorskip("hpcsrl.models.registry")
     data = tmp_path / "labels.h5"
     write_rgb_h5(data, n=30)
     out = tmp_path / "out"
@@ -453,7 +450,6 @@ def test_ssl_compare_benchmark_smoke(tmp_path):
     import importlib.util
     from pathlib import Path
 
-    pytest.importorskip("hpcsrl.models.registry")
     main_py = Path(__file__).resolve().parents[1] / "benchmarks" / "ssl_compare" / "main.py"
     spec = importlib.util.spec_from_file_location("ssl_compare_main", main_py)
     bench = importlib.util.module_from_spec(spec)

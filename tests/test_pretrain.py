@@ -16,10 +16,10 @@ from hpcsrl.augment.views import AUGMENT_PRESETS
 from hpcsrl.cli import pretrain as pretrain_cli
 from hpcsrl.cli.main import main
 from hpcsrl.errors import UserError
+from hpcsrl.features.precise_bn import recalibrate
 from hpcsrl.models.registry import METHODS, build_method, model_from_checkpoint
 from hpcsrl.models.resnet import BACKBONES
 from hpcsrl.train.loop import LOG_COLUMNS, MemoryPatches, PretrainConfig, Pretrainer
-from hpcsrl.train.precise_bn import recalibrate
 
 
 def _patterns(n, size=32, channels=3, seed=0):
@@ -280,3 +280,101 @@ def test_precise_bn_is_the_exact_average_and_leaves_other_layers():
     assert torch.allclose(used.running_mean, want, atol=1e-6)
     assert used.momentum == 0.1 and not model.training
     assert torch.all(unused.running_mean == 5.0)
+
+
+# ------------------------------------------------------------------ hardening (issue 12)
+def test_progress_in_a_log_file_is_not_a_line_per_iteration(tmp_path, capsys):
+    """Not a terminal (Slurm .out, CI): at most a start and an end line per epoch for a short run,
+    however many iterations (the loss postfix used to force a line per iteration)."""
+    ds = TensorPatches(n=64)
+    Pretrainer(ds, _cfg(progress=True, batch_size=2, epochs=2), tmp_path / "r").run()
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if "/30 [" in ln]
+    assert 2 <= len(lines) <= 4, lines
+
+
+def test_monitor_samples_zero_trains_without_monitor(tmp_path):
+    rows = Pretrainer(TensorPatches(n=16), _cfg(monitor_samples=0, epochs=1),
+                      tmp_path / "r").run()
+    assert len(rows) == 1 and np.isnan(rows[0]["emb_std"]) and np.isnan(rows[0]["knn_acc"])
+
+
+def test_cli_monitor_samples_zero(tmp_path):
+    data = _write_rgb_h5(tmp_path / "d.h5", n=16)
+    assert main(["pretrain", "--data", str(data), "--epochs", "1", "--batch-size", "8",
+                 "--input-size", "32", "--out", str(tmp_path / "o"), "--threads", "1",
+                 "--no-progress", "--monitor-samples", "0"]) == 0
+
+
+def test_resume_refuses_another_data_file(tmp_path, capsys):
+    a = _write_rgb_h5(tmp_path / "a.h5", n=16)
+    b = _write_rgb_h5(tmp_path / "b.h5", n=24)
+    args = ["pretrain", "--epochs", "1", "--batch-size", "8", "--input-size", "32",
+            "--out", str(tmp_path / "o"), "--threads", "1", "--no-progress",
+            "--monitor-samples", "8"]
+    assert main([*args, "--data", str(a)]) == 0
+    capsys.readouterr()
+    assert main([*args, "--resume", "--data", str(b)]) == 2
+    err = capsys.readouterr().err
+    assert "--data" in err and "b.h5" in err and "patches 16" in err.replace("'", ""), err
+    assert main([*args, "--resume", "--data", str(a)]) == 0
+
+
+def test_second_run_on_a_locked_folder_refuses_naming_the_holder(tmp_path):
+    import os
+    import socket
+
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / ".hpcsrl.lock").write_text(f"{socket.gethostname()} {os.getppid()}\n")  # alive
+    with pytest.raises(UserError, match=rf"in use by another run \(host {socket.gethostname()}, "
+                                        rf"PID {os.getppid()}\)"):
+        Pretrainer(TensorPatches(n=16), _cfg(epochs=1), out)
+    assert (out / ".hpcsrl.lock").exists()  # the holder keeps its lock
+
+
+def test_stale_lock_and_temporary_checkpoint_of_a_killed_run_are_cleared(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / ".hpcsrl.lock").write_text(f"{socket.gethostname()} {dead}\n")
+    stale = out / f".checkpoint.pt.{dead}.tmp"
+    stale.write_bytes(b"half a checkpoint")
+    Pretrainer(TensorPatches(n=16), _cfg(epochs=1), out).run()
+    assert not stale.exists() and not (out / ".hpcsrl.lock").exists()
+    assert (out / "checkpoint.pt").exists()
+
+
+def test_two_processes_on_one_folder_second_refuses(tmp_path):
+    """A real second process while the first trains (the lock file holds its PID)."""
+    import subprocess
+    import sys
+    import time
+
+    data = _write_rgb_h5(tmp_path / "d.h5", n=64)
+    args = [sys.executable, "-m", "hpcsrl.cli.main", "pretrain", "--data", str(data),
+            "--batch-size", "8", "--input-size", "32", "--out", str(tmp_path / "o"),
+            "--threads", "1", "--no-progress", "--monitor-samples", "8"]
+    first = subprocess.Popen([*args, "--epochs", "50"], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 60
+        while not (tmp_path / "o" / ".hpcsrl.lock").exists() and time.time() < deadline:
+            time.sleep(0.1)
+        second = subprocess.run([*args, "--epochs", "50", "--resume"], capture_output=True,
+                                text=True, timeout=120)
+        assert second.returncode == 2
+        assert f"PID {first.pid}" in second.stderr and len(second.stderr.strip().splitlines()) == 1
+    finally:
+        first.kill()
+        first.wait()
+
+
+def test_batch_larger_than_the_data_is_refused_with_the_patch_count(tmp_path):
+    with pytest.raises(UserError, match="larger than the 16 training patches"):
+        Pretrainer(TensorPatches(n=20), _cfg(batch_size=32, monitor_samples=8), tmp_path / "o")
+    assert not (tmp_path / "o" / ".hpcsrl.lock").exists()

@@ -101,7 +101,7 @@ def train_step(model, opt, x_a, x_b, progress: float) -> float:
 def make_optimizer(model, batch_size: int):
     import torch
 
-    from hpcsrl.train.schedules import default_lr
+    from hpcsrl.schedules import default_lr
 
     return torch.optim.SGD(model.parameters(), lr=default_lr(batch_size), momentum=0.9,
                            weight_decay=1e-4)

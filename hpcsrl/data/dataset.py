@@ -123,6 +123,7 @@ class PatchDataset(Dataset):
             means.append(np.asarray(mean, np.float64)[sel])
             stds.append(np.asarray(std, np.float64)[sel])
         self.band_names: tuple[str, ...] = tuple(b for p in self._parts for b in p.band_names)
+        self._format_version = str(f.attrs.get("format_version", ""))
         self.channels = len(self.band_names)
         self._mean = np.concatenate(means).astype(np.float32).reshape(1, -1, 1, 1)
         self._std = np.maximum(np.concatenate(stds), _EPS).astype(np.float32).reshape(1, -1, 1, 1)
@@ -185,6 +186,13 @@ class PatchDataset(Dataset):
     def std(self) -> np.ndarray:
         """Per-band standard deviation the patches are normalised with, shape (C,)."""
         return self._std.reshape(-1).copy()
+
+    def fingerprint(self) -> dict[str, object]:
+        """What identifies the training data of a run (so --resume refuses another file): the
+        resolved path, file size, patch count, band set, patch size and schema version."""
+        return {"path": str(self.path.resolve()), "bytes": self.path.stat().st_size,
+                "patches": len(self), "bands": list(self.band_names),
+                "patch_size": self.patch_size, "format_version": self._format_version}
 
     def __len__(self) -> int:
         return len(self.indices)

@@ -20,20 +20,20 @@ from torch import nn
 from torch.nn import functional as F
 
 from hpcsrl.eval import metrics
-from hpcsrl.eval.features import (
+from hpcsrl.eval.plots import plot_confusion, plot_tsne, tsne_embed
+from hpcsrl.eval.report import REPORT_COLUMNS, write_confusion_csv, write_csv
+from hpcsrl.eval.splits import nested_label_fractions, stratified_subsample, stratified_test_split
+from hpcsrl.eval.train import FitConfig, fine_tune, fit_linear, predict
+from hpcsrl.features.extract import (
     BatchReader,
     as_tensor,
     extract,
     state_digest,
     verify_unchanged,
 )
-from hpcsrl.eval.floors import knn_predict
-from hpcsrl.eval.plots import plot_confusion, plot_tsne, tsne_embed
-from hpcsrl.eval.report import REPORT_COLUMNS, write_confusion_csv, write_csv
-from hpcsrl.eval.splits import nested_label_fractions, stratified_subsample, stratified_test_split
-from hpcsrl.eval.train import FitConfig, fine_tune, fit_linear, predict
+from hpcsrl.features.knn import knn_predict
+from hpcsrl.features.precise_bn import clean_batches, recalibrate
 from hpcsrl.fileio import write_json
-from hpcsrl.train.precise_bn import clean_batches, recalibrate
 
 MODES = ("freeze", "finetune")
 KNN_NAME = "channel-stats"

@@ -15,9 +15,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from hpcsrl.eval.features import BatchReader, as_tensor
+from hpcsrl.features.extract import BatchReader, as_tensor
+from hpcsrl.features.precise_bn import recalibrate
 from hpcsrl.progress import progress_bar
-from hpcsrl.train.precise_bn import recalibrate
+from hpcsrl.schedules import CosineDecay
 
 
 @dataclass
@@ -69,9 +70,7 @@ def _loss(head_out: tuple[torch.Tensor, torch.Tensor | None], y: torch.Tensor,
 def _cosine(optimizer: torch.optim.Optimizer, total_steps: int
             ) -> torch.optim.lr_scheduler.LambdaLR:
     """Cosine decay from each group's lr to 0 over `total_steps` iterations."""
-    total = max(1, total_steps)
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total)))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, CosineDecay(total_steps))
 
 
 def _batches(n: int, batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:

@@ -46,7 +46,8 @@ class SSLMethod(nn.Module):
         return run_units(self.units(), self.chain_input(x_a, x_b))
 
     def embedding(self, x: Tensor) -> Tensor:
-        raise NotImplementedError
+        """The representation the loss compares: projector(backbone(x)) unless overridden."""
+        return self.projector(self.backbone(x))
 
     @torch.no_grad()
     def after_step(self, progress: float | None = None) -> None:
@@ -67,9 +68,6 @@ class MomentumMethod(SSLMethod):
     def _online(self) -> nn.Module:
         """The online modules mirrored by the momentum copy, in the copy's parameter order."""
         return nn.Sequential(self.backbone, self.projector)
-
-    def embedding(self, x: Tensor) -> Tensor:
-        return self.projector(self.backbone(x))
 
     def chain_input(self, x_a: Tensor, x_b: Tensor) -> tuple[Tensor, Tensor]:
         x = torch.cat([x_a, x_b], dim=0)

@@ -76,10 +76,6 @@ class StopGradSiamese(SSLMethod):
         self.backbone, self.projector, self.predictor = backbone, projector, predictor
         self.loss_unit = PairLoss(self.loss_fn)
 
-    def embedding(self, x: Tensor) -> Tensor:
-        """e = E(x): backbone then projector."""
-        return self.projector(self.backbone(x))
-
     def forward(self, x_a: Tensor, x_b: Tensor) -> Tensor:
         e = self.embedding(torch.cat([x_a, x_b], dim=0))
         p = self.predictor(e)

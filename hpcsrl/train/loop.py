@@ -29,16 +29,27 @@ from torch import Tensor, nn
 
 from hpcsrl.augment.views import DEFAULT_AUGMENT, ViewTransform, make_view_transform, two_views
 from hpcsrl.errors import UserError
-from hpcsrl.eval.features import extract
+from hpcsrl.features import monitor
+from hpcsrl.features.extract import extract
+from hpcsrl.features.precise_bn import clean_batches, recalibrate
 from hpcsrl.fileio import atomic_path
-from hpcsrl.log import get_logger, launcher_rank
+from hpcsrl.log import get_logger
 from hpcsrl.models.base import SSLMethod
 from hpcsrl.models.registry import PAIRED_MODALITY_METHODS, build_method
 from hpcsrl.progress import progress_bar
-from hpcsrl.train import monitor
+from hpcsrl.schedules import default_lr
+from hpcsrl.train.batches import (
+    check_batch_size,
+    epoch_batches,
+    seed_for,
+    shard,
+    split_indices,
+    view_generator,
+)
 from hpcsrl.train.checkpoint import read_checkpoint, rng_state, set_rng_state, write_checkpoint
-from hpcsrl.train.precise_bn import clean_batches, recalibrate
-from hpcsrl.train.schedules import CosineDecay, default_lr
+from hpcsrl.train.distribution import Distribution, SingleProcess
+from hpcsrl.train.lock import RunLock
+from hpcsrl.train.optim import make_optimizer, make_scheduler
 
 LOG_COLUMNS = ("epoch", "loss", "lr", "emb_std", "knn_acc", "seconds", "images_per_s")
 CHECKPOINT = "checkpoint.pt"
@@ -75,47 +86,12 @@ class PretrainConfig:
         return self.lr if self.lr is not None else default_lr(self.batch_size)
 
 
-def _seed_for(*words: int) -> int:
-    return int(np.random.SeedSequence(list(words)).generate_state(1)[0])
-
-
 def band_stats(dataset: Any) -> tuple[np.ndarray | None, np.ndarray | None]:
     """Per-band mean/std the dataset normalised with (None, None for data without them)."""
     mean, std = getattr(dataset, "mean", None), getattr(dataset, "std", None)
     if mean is None or std is None:
         return None, None
     return np.asarray(mean, np.float32).reshape(-1), np.asarray(std, np.float32).reshape(-1)
-
-
-def split_indices(n: int, labels: np.ndarray | None, cfg: PretrainConfig
-                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(train, monitor, knn bank, knn query) dataset positions.
-
-    The monitor set is a fixed random sample of the whole file; with labels, half of its labelled
-    patches form the k-NN bank and the other half the query set, which is held out of training.
-    `limit` caps the training patches (drawn at random from the rest).
-    """
-    rng = np.random.default_rng(_seed_for(cfg.seed, 7))
-    order = rng.permutation(n)
-    monitor_idx = np.sort(order[:min(cfg.monitor_samples, n)])
-    bank = query = np.zeros(0, dtype=np.int64)
-    if labels is not None:
-        labelled = monitor_idx[labels[monitor_idx] >= 0]
-        if len(labelled) >= 4:
-            bank, query = labelled[::2], labelled[1::2]
-    train = order[~np.isin(order, query)]
-    if cfg.limit is not None:
-        train = train[:cfg.limit]
-    return np.sort(train), monitor_idx, bank, query
-
-
-def epoch_batches(train: np.ndarray, batch_size: int, seed: int, epoch: int) -> list[np.ndarray]:
-    """Shuffled full batches for one epoch (the ragged tail is dropped: BatchNorm needs > 1)."""
-    perm = train[np.random.default_rng(_seed_for(seed, epoch, 1)).permutation(len(train))]
-    n_full = len(perm) // batch_size
-    if n_full == 0:
-        return [perm]
-    return [perm[i * batch_size:(i + 1) * batch_size] for i in range(n_full)]
 
 
 class _BatchReader(torch.utils.data.Dataset):
@@ -196,15 +172,33 @@ def _format_rows(rows: list[dict[str, Any]]) -> str:
 
 
 class Pretrainer:
-    """Owns model, optimiser, schedule and the epoch loop for one dataset and output folder."""
+    """Owns model, optimiser, schedule and the epoch loop for one dataset and output folder.
+
+    `dist` says how ranks share a step (`hpcsrl.train.distribution`): alone by default, or data
+    parallel (each rank trains on its shard of every global mini-batch, gradients averaged). The
+    loop, the batch assignment, the schedule, checkpoints and monitors are the same either way;
+    only the writer rank (0) logs, checkpoints and holds the output-folder lock.
+    """
 
     def __init__(self, dataset: Any, cfg: PretrainConfig, out_dir: str | Path,
-                 resume: bool = False) -> None:
+                 resume: bool = False, dist: Distribution | None = None) -> None:
         self.log = get_logger("hpcsrl.pretrain")
-        self.rank0 = launcher_rank() == 0
+        self.dist: Distribution = dist or SingleProcess()
+        self.rank0 = self.dist.is_writer
+        self.out = Path(out_dir)
+        self.lock = RunLock(self.out)
+        if self.rank0:
+            self.lock.acquire()
+        try:
+            self._setup(dataset, cfg, resume)
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def _setup(self, dataset: Any, cfg: PretrainConfig, resume: bool) -> None:
         if cfg.in_memory:
             dataset = MemoryPatches(dataset, progress=cfg.progress and self.rank0)
-        self.ds, self.cfg, self.out = dataset, cfg, Path(out_dir)
+        self.ds, self.cfg = dataset, cfg
         self.paired = cfg.method in PAIRED_MODALITY_METHODS
         if self.paired and getattr(dataset, "sensor", None) != "s1s2":
             raise UserError(f"--method {cfg.method} pairs Sentinel-2 with Sentinel-1: it needs "
@@ -215,17 +209,20 @@ class Pretrainer:
         if len(self.train_idx) < 2:
             raise UserError(f"only {len(self.train_idx)} patch(es) to train on: need at least 2 "
                             "(check --limit and the HDF5 file)")
+        check_batch_size(len(self.train_idx), cfg.batch_size)
+        if cfg.batch_size % self.dist.size:
+            raise UserError(f"--batch-size {cfg.batch_size} is the global batch and must be a "
+                            f"multiple of the {self.dist.size} ranks")
         self.labels = labels
         torch.manual_seed(cfg.seed)
         self.model = build_method(cfg.method, cfg.backbone, in_channels=dataset.channels,
                                   **cfg.method_options)
         # NHWC convolutions are about 10 % faster on CPU (oneDNN); values are unchanged.
         self.model.to(memory_format=torch.channels_last)
-        self.opt = torch.optim.SGD(self.model.parameters(), lr=cfg.base_lr,
-                                   momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        self.opt = make_optimizer(self.model.parameters(), cfg)
         self.steps_per_epoch = len(epoch_batches(self.train_idx, cfg.batch_size, cfg.seed, 0))
         self.total_steps = self.steps_per_epoch * cfg.epochs
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, CosineDecay(self.total_steps))
+        self.sched = make_scheduler(self.opt, self.total_steps)
         mean, std = band_stats(dataset)
         self.transform: ViewTransform | None = None if self.paired else make_view_transform(
             dataset.sensor, dataset.band_names, cfg.input_size, mean=mean, std=std,
@@ -240,6 +237,7 @@ class Pretrainer:
         elif ckpt_path.exists():
             raise UserError(f"{ckpt_path} exists: pass --resume to continue that run, or choose "
                             "another --out")
+        self.step_opt = self.dist.wrap_optimizer(self.opt, self.model)
 
     # --- state ------------------------------------------------------------------------------
     def _run_record(self) -> dict[str, Any]:
@@ -248,6 +246,10 @@ class Pretrainer:
             rec.pop(k)
         return rec
 
+    def data_fingerprint(self) -> dict[str, Any] | None:
+        fp = getattr(self.ds, "fingerprint", None)
+        return fp() if callable(fp) else None
+
     def _load(self, path: Path) -> None:
         ckpt = read_checkpoint(path)
         saved, now = ckpt.get("pretrain", {}), self._run_record()
@@ -255,9 +257,14 @@ class Pretrainer:
                 for k in RESUME_KEYS if saved.get(k) != now[k]]
         if ckpt.get("config") != self.model.config:
             diff.append(f"model {ckpt.get('config')} (now {self.model.config})")
+        data_then, data_now = ckpt.get("data"), self.data_fingerprint()
+        if data_then is not None and data_now is not None and data_then != data_now:
+            changed = ", ".join(f"{k} {data_then.get(k)!r} (now {data_now.get(k)!r})"
+                                for k in data_now if data_then.get(k) != data_now.get(k))
+            diff.append(f"--data: {changed}")
         if diff:
             raise UserError(f"{path} was made with different options: {'; '.join(diff)}. "
-                            "Resume with the same options or choose another --out")
+                            "Resume with the same options and data, or choose another --out")
         self.model.load_state_dict(ckpt["model"])
         self.opt.load_state_dict(ckpt["optimizer"])
         self.sched.load_state_dict(ckpt["scheduler"])
@@ -267,67 +274,89 @@ class Pretrainer:
         self.log.info("resumed %s after epoch %d of %d", path, self.start_epoch, self.cfg.epochs)
 
     def save(self, epoch: int) -> None:
+        if not self.rank0:
+            return
         write_checkpoint(self.out / CHECKPOINT, {
             "config": self.model.config, "pretrain": self._run_record(), "epoch": epoch,
             "model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
             "scheduler": self.sched.state_dict(), "rng": rng_state(), "history": self.history,
-            "band_names": list(self.ds.band_names), "sensor": self.ds.sensor})
+            "band_names": list(self.ds.band_names), "sensor": self.ds.sensor,
+            "data": self.data_fingerprint(), "ranks": self.dist.size})
         with atomic_path(self.out / "log.csv") as tmp:
             tmp.write_text(_format_rows(self.history))
 
     # --- training ---------------------------------------------------------------------------
-    def _views(self, x: Tensor, g: torch.Generator) -> tuple[Tensor, Tensor]:
+    def views(self, x: Tensor, g: torch.Generator) -> tuple[Tensor, Tensor]:
+        """The two views of a mini-batch's patches, drawn from its own generator, channels-last."""
         if self.transform is not None:
-            return two_views(self.transform, x, g)
-        if x.shape[-1] != self.cfg.input_size:  # paired modalities: no augmentation, only size
-            x = F.interpolate(x, size=(self.cfg.input_size,) * 2, mode="bilinear",
-                              align_corners=False, antialias=True)
-        return x, x
+            x_a, x_b = two_views(self.transform, x.float(), g)
+        else:
+            if x.shape[-1] != self.cfg.input_size:  # paired modalities: no augmentation, size
+                x = F.interpolate(x.float(), size=(self.cfg.input_size,) * 2, mode="bilinear",
+                                  align_corners=False, antialias=True)
+            x_a = x_b = x.float()
+        return (x_a.contiguous(memory_format=torch.channels_last),
+                x_b.contiguous(memory_format=torch.channels_last))
+
+    def my_batches(self, epoch: int) -> list[np.ndarray]:
+        """This rank's part of each global mini-batch of the epoch (all of it alone)."""
+        batches = epoch_batches(self.train_idx, self.cfg.batch_size, self.cfg.seed, epoch)
+        return [shard(b, self.dist.rank, self.dist.size) for b in batches]
+
+    def step(self, x_a: Tensor, x_b: Tensor) -> Tensor:
+        """One optimisation step on one mini-batch's views; returns the (local) loss."""
+        loss = self.model(x_a, x_b)
+        if not torch.isfinite(loss):
+            raise UserError(f"loss became {loss.item()}: lower --lr (now {self.cfg.base_lr:g})")
+        self.step_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.step_opt.step()
+        return loss.detach()
 
     def train_epoch(self, epoch: int) -> tuple[float, int, float, float]:
         """One pass over the shuffled training patches: (mean loss, images, seconds, last lr)."""
         cfg = self.cfg
-        batches = epoch_batches(self.train_idx, cfg.batch_size, cfg.seed, epoch)
-        g = torch.Generator().manual_seed(_seed_for(cfg.seed, epoch, 2))
+        batches = self.my_batches(epoch)
         self.model.train()
         total, images, lr, t0 = 0.0, 0, float("nan"), time.perf_counter()
         bar = progress_bar(iter_batches(self.ds, batches, cfg.workers), total=len(batches),
-                           desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", leave=False,
+                           desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch",
                            disable=not (cfg.progress and self.rank0))
         for i, x in enumerate(bar):
-            x_a, x_b = (v.contiguous(memory_format=torch.channels_last)
-                        for v in self._views(x.float(), g))
-            loss = self.model(x_a, x_b)
-            if not torch.isfinite(loss):
-                raise UserError(f"loss became {loss.item()} at epoch {epoch + 1}, batch {i + 1}: "
-                                f"lower --lr (now {cfg.base_lr:g})")
-            self.opt.zero_grad(set_to_none=True)
-            loss.backward()
-            self.opt.step()
+            g = view_generator(cfg.seed, epoch, i, self.dist.rank)
+            try:
+                loss = self.step(*self.views(x, g))
+            except UserError as exc:
+                raise UserError(f"epoch {epoch + 1}, batch {i + 1}: {exc}") from None
             lr = self.opt.param_groups[0]["lr"]
             self.sched.step()
             step = epoch * self.steps_per_epoch + i + 1
             self.model.after_step(progress=step / self.total_steps)
-            total += loss.item()
-            images += x.shape[0]
-            bar.set_postfix(loss=f"{loss.item():.4f}")
+            total += float(loss)
+            images += x.shape[0] * self.dist.size
+            bar.set_postfix(loss=f"{float(loss):.4f}", refresh=False)
         bar.close()
-        return total / max(1, len(batches)), images, time.perf_counter() - t0, lr
+        mean_loss = self.dist.average(total / max(1, len(batches)), "loss")
+        return mean_loss, images, time.perf_counter() - t0, lr
 
     def recalibrate_bn(self) -> None:
-        """Precise BN (see `hpcsrl.train.precise_bn`): BN statistics of the encoder/embedding
-        from `precise_bn` clean training patches, at the size evaluation reads them."""
+        """Precise BN (see `hpcsrl.features.precise_bn`): BN statistics of the encoder/embedding
+        from `precise_bn` clean training patches, at the size evaluation reads them. Every rank
+        computes the same statistics from the same patches, so replicas stay identical."""
         n = min(self.cfg.precise_bn, len(self.train_idx))
         if n < 2:
             return
-        idx = np.random.default_rng(_seed_for(self.cfg.seed, 11)).permutation(self.train_idx)[:n]
+        idx = np.random.default_rng(seed_for(self.cfg.seed, 11)).permutation(self.train_idx)[:n]
         recalibrate(self.model.embedding, self.model,
                     clean_batches(lambda i: self.ds.read_batch(i)[0], idx,
                                   max(2, 2 * self.cfg.batch_size)))
 
     @torch.no_grad()
     def monitor(self) -> tuple[float, float]:
-        """(embedding std, k-NN accuracy or NaN) on the fixed monitor patches, eval mode."""
+        """(embedding std, k-NN accuracy), NaN when there are no monitor patches / labels."""
+        if len(self.monitor_idx) < 2:
+            return float("nan"), float("nan")
+
         def read(idx: np.ndarray) -> Tensor:
             return self.ds.read_batch(idx)[0]
 
@@ -353,27 +382,36 @@ class Pretrainer:
 
     def run(self, stop_after: int | None = None) -> list[dict[str, Any]]:
         """Train the remaining epochs (or up to epoch `stop_after`, e.g. to fit a job's time
-        limit); checkpoint and log after each. Returns the log rows."""
+        limit); checkpoint and log after each. Returns the log rows. Releases the folder lock."""
+        try:
+            return self._run(stop_after)
+        finally:
+            self.lock.release()
+
+    def _run(self, stop_after: int | None) -> list[dict[str, Any]]:
         cfg = self.cfg
         if self.start_epoch >= cfg.epochs:
             self.log.info("all %d epochs already done (%s)", cfg.epochs, self.out / CHECKPOINT)
             return self.history
         self.log.info("pre-training %s/%s on %d patches (%d bands, %s): %d epochs x %d "
-                      "iterations, batch %d, input %d, lr %g", cfg.method, cfg.backbone,
+                      "iterations, batch %d%s, input %d, lr %g", cfg.method, cfg.backbone,
                       len(self.train_idx), self.ds.channels, self.ds.sensor, cfg.epochs,
-                      self.steps_per_epoch, cfg.batch_size, cfg.input_size, cfg.base_lr)
+                      self.steps_per_epoch, cfg.batch_size,
+                      f" ({self.dist.size} ranks x {cfg.batch_size // self.dist.size})"
+                      if self.dist.size > 1 else "", cfg.input_size, cfg.base_lr)
         last = cfg.epochs if stop_after is None else min(cfg.epochs, stop_after)
         for epoch in range(self.start_epoch, last):
             loss, images, seconds, lr = self.train_epoch(epoch)
             self.recalibrate_bn()
-            std, acc = self.monitor()
+            std, acc = self.monitor() if self.rank0 else (float("nan"), float("nan"))
             row = {"epoch": epoch + 1, "loss": loss, "lr": lr,
                    "emb_std": std, "knn_acc": acc, "seconds": seconds,
                    "images_per_s": images / seconds if seconds > 0 else float("nan")}
             self.history.append(row)
             self.save(epoch + 1)
-            self.log.info("epoch %d/%d  loss %.4f  lr %.4g  emb_std %.4f  knn_acc %s  %.1f s "
-                          "(%.1f img/s)", epoch + 1, cfg.epochs, loss, row["lr"], std,
+            self.log.info("epoch %d/%d  loss %.4f  lr %.4g  emb_std %s  knn_acc %s  %.1f s "
+                          "(%.1f img/s)", epoch + 1, cfg.epochs, loss, row["lr"],
+                          "-" if math.isnan(std) else f"{std:.4f}",
                           "-" if math.isnan(acc) else f"{acc:.3f}", seconds,
                           row["images_per_s"])
         return self.history

@@ -40,9 +40,6 @@ class SimCLR(SSLMethod):
         self.projector = MLP(self.backbone.feature_dim, [proj_hidden], proj_dim)
         self.loss_unit = NTXentLoss(temperature)
 
-    def embedding(self, x: Tensor) -> Tensor:
-        return self.projector(self.backbone(x))
-
     def forward(self, x_a: Tensor, x_b: Tensor) -> Tensor:
         z = self.embedding(torch.cat([x_a, x_b], dim=0))  # both views in one batch, as the chain
         return nt_xent(*split_views(z), self.loss_unit.temperature)

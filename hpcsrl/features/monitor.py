@@ -8,7 +8,7 @@ import numpy as np
 import torch.nn.functional as F
 from torch import Tensor
 
-from hpcsrl.eval.floors import knn_predict
+from hpcsrl.features.knn import knn_predict
 
 # Warn when the spread falls below this fraction of the healthy 1/sqrt(d).
 COLLAPSE_FRACTION = 0.1
