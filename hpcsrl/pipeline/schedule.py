@@ -1,0 +1,248 @@
+"""Chains of stage replicas as a pure event-driven state machine (no MPI, no torch).
+
+Design. One scheduler (a thread of rank 0, see `coordinator.py`) decides every hand-over; ranks
+tell it two things and it answers each with exactly one action:
+
+    free(rank, done_mb, busy_s)  the rank finished mini-batch done_mb's backward (or started, or
+                                 aggregated) and holds nothing -> later: WORK, AGGREGATE or STOP
+    forwarded(rank, mb)          the rank finished mb's forward and needs a next-stage replica
+                                 -> later: ROUTE(dst)
+    WORK(mb, src)                start mb: receive its activation from rank src (src -1: stage 0,
+                                 read the mini-batch from the data)
+    ROUTE(mb, dst)               send mb's activation to rank dst, then wait for its gradient
+
+Dynamic chains (Fig. 4b): a forward request goes to the next-stage replica expected to finish
+it first: a free replica finishes at now + its running average of time held per mini-batch, a
+busy one at (its expected release) + that average. If the best replica is busy the request
+waits for it (a slow free node is not worth it); otherwise it is matched at once. So a slower
+node gets proportionally less work, and with equal nodes requests go to whichever is free. The
+backward returns along the same chain (each rank remembers its upstream rank). Fixed chains
+(Fig. 4a): chain c is replica c of every stage, routing goes to the chain neighbour and chain c
+gets every C-th mini-batch id of each window.
+
+Mini-batch ids are issued in increasing order (per chain with fixed chains), to stage-0 replicas only, windows of K at a time.
+When a window's ids are all issued and every rank is free, all ranks get AGGREGATE (average the
+replicas of each stage, checkpoint), or STOP after the last window.
+
+Invariants (tested in tests/test_pipeline_schedule.py by simulation):
+  1. A rank holds at most one mini-batch: it gets WORK only while free and is free again only
+     after its own backward (one outstanding request per rank, one answer per request).
+  2. Every id in [first, total) is issued exactly once; `assignment[mb]` records its chain.
+  3. ROUTE only ever names a free replica, which is sent WORK(mb, src) at the same moment: the
+     receiver posts its receive at once and the sender has posted its gradient receive before it
+     sends, so no send waits on a busy receiver and message order cannot deadlock.
+  4. AGGREGATE/STOP are sent only when no mini-batch is in flight and every rank is free, so all
+     replicas of a stage enter the stage collective together.
+  5. Progress: the last stage waits for nobody downstream, so every chain completes; every
+     completion frees a rank, which is matched at once if work is waiting.
+The scheduler itself never blocks: it is a function of events; its cost is a few dict operations
+per event (measured per mini-batch in the report).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from hpcsrl.pipeline.topology import Layout
+
+WORK, ROUTE, AGGREGATE, STOP = 1, 2, 3, 4
+POLICIES = ("dynamic", "fixed")
+
+
+@dataclass(frozen=True)
+class Action:
+    kind: int
+    rank: int
+    mb: int = -1
+    peer: int = -1      # WORK: upstream rank (-1: read the data); ROUTE: downstream rank
+    round: int = -1     # AGGREGATE / STOP: aggregation round
+
+
+@dataclass
+class _Rank:
+    stage: int
+    mb: int = -1              # mini-batch held (-1: none)
+    phase: str = "joining"    # joining | idle | forward | queued | backward | aggregating
+    peer: int = -1            # upstream (forward) or downstream (backward) rank
+    done: int = 0             # mini-batches completed
+    since: float = 0.0        # when it got its current mini-batch
+    hold: float | None = None  # running average of seconds from WORK to free (its chain's time)
+    busy: float | None = None  # running average of its own compute seconds per mini-batch
+
+
+@dataclass
+class Scheduler:
+    layout: Layout
+    total: int                  # mini-batch ids run in [first, total)
+    aggregate_every: int
+    policy: str = "dynamic"
+    first: int = 0
+    alpha: float = 0.3          # weight of the newest measurement in the running average
+    assignment: dict[int, list[int]] = field(default_factory=dict)
+    round: int = 0
+
+    def __post_init__(self) -> None:
+        if self.policy not in POLICIES:
+            raise ValueError(f"chains must be one of {', '.join(POLICIES)}")
+        if self.policy == "fixed" and self.layout.fixed_chains is None:
+            raise ValueError(f"fixed chains need the same number of replicas on every stage, "
+                             f"the plan has {'/'.join(map(str, self.layout.replicas))}")
+        if self.aggregate_every < 1:
+            raise ValueError("aggregation interval must be at least 1")
+        self.ranks = {r: _Rank(self.layout.stage_of(r)) for r in range(self.layout.size)}
+        self.next_mb = self.first
+        self.window_end = self.first
+        self.waiting: list[deque[int]] = [deque() for _ in range(self.layout.stages)]
+        self.chain_ids: list[deque[int]] = []
+        self._open_window()
+
+    # --- events ------------------------------------------------------------------------------
+    def free(self, rank: int, done_mb: int = -1, busy_s: float | None = None,
+             now: float = 0.0) -> list[Action]:
+        st = self.ranks[rank]
+        if st.phase not in ("joining", "idle", "aggregating") and st.mb != done_mb:
+            raise ValueError(f"rank {rank} reports mini-batch {done_mb} done but holds {st.mb}")
+        if done_mb >= 0:
+            st.done += 1
+            st.hold = self._average(st.hold, now - st.since)
+            if busy_s is not None:
+                st.busy = self._average(st.busy, busy_s)
+        st.mb, st.phase, st.peer = -1, "idle", -1
+        return self._dispatch(now)
+
+    def forwarded(self, rank: int, mb: int, now: float = 0.0) -> list[Action]:
+        st = self.ranks[rank]
+        if st.phase != "forward" or st.mb != mb:
+            raise ValueError(f"rank {rank} forwarded mini-batch {mb} it does not hold")
+        if st.stage == self.layout.stages - 1:
+            raise ValueError(f"rank {rank} is on the last stage: nothing to forward to")
+        st.phase = "queued"
+        self.waiting[st.stage].append(rank)
+        return self._dispatch(now)
+
+    # --- queries -----------------------------------------------------------------------------
+    @property
+    def finished(self) -> bool:
+        return self.round < 0
+
+    def counts(self) -> dict[int, int]:
+        return {r: st.done for r, st in self.ranks.items()}
+
+    def activity(self, rank: int) -> str:
+        """What `rank` is doing, as far as the scheduler knows (for failure messages)."""
+        st = self.ranks[rank]
+        s, mb = st.stage, st.mb
+        if st.phase == "forward":
+            if s == 0:
+                return f"reading mini-batch {mb} and computing its forward"
+            what = "forward and backward" if s == self.layout.stages - 1 else "forward"
+            return f"receiving mini-batch {mb} from rank {st.peer} and computing its {what}"
+        if st.phase == "queued":
+            return f"holding mini-batch {mb}'s activation for a free stage-{s + 1} replica"
+        if st.phase == "backward":
+            return (f"sending mini-batch {mb}'s activation to rank {st.peer}, waiting for its "
+                    "gradient or computing the backward")
+        if st.phase == "joining":
+            return "starting up (has not reached the scheduler yet)"
+        if st.phase == "aggregating":
+            return f"averaging stage {s} with its replicas and checkpointing (round {self.round})"
+        return "idle, waiting for the scheduler"
+
+    # --- internals ---------------------------------------------------------------------------
+    def _open_window(self) -> None:
+        self.window_end = min(self.total, self.next_mb + self.aggregate_every)
+        if self.policy == "fixed":
+            c = self.layout.fixed_chains or 1
+            self.chain_ids = [deque(range(self.next_mb + i, self.window_end, c))
+                              for i in range(c)]
+
+    def _free_ranks(self, stage: int) -> list[int]:
+        return [r for r in self.layout.ranks_of(stage) if self.ranks[r].phase == "idle"]
+
+    def _average(self, old: float | None, new: float) -> float:
+        return new if old is None else self.alpha * new + (1 - self.alpha) * old
+
+    def _pick(self, stage: int, upstream: int, now: float, release: dict[int, float]
+              ) -> int | None:
+        """The replica to hand `upstream`'s activation to now, or None to wait for a busy one.
+
+        `release[r]`: when replica r is expected to be free (updated as requests are promised
+        to busy replicas during one dispatch)."""
+        if self.policy == "fixed":
+            partner = self.layout.rank_of(stage, self.layout.replica_of(upstream))
+            return partner if self.ranks[partner].phase == "idle" else None
+        best: tuple[float, int, int] | None = None
+        for r in self.layout.ranks_of(stage):
+            st = self.ranks[r]
+            if st.phase in ("joining", "aggregating"):
+                continue
+            idle = st.phase == "idle" and r not in release
+            start = now if idle else max(now, release.get(r, st.since + (st.hold or 0.0)))
+            key = (start + (st.hold or 0.0), 0 if idle else 1, r)
+            best = key if best is None or key < best else best
+        if best is None:
+            return None
+        r = best[2]
+        if best[1] == 0:
+            return r
+        release[r] = best[0]  # promised to this request: later ones see it busy until then
+        return None
+
+    def _dispatch(self, now: float) -> list[Action]:
+        out: list[Action] = []
+        n = self.layout.stages
+        for s in range(n - 2, -1, -1):  # hand activations down first: it frees upstream ranks
+            queue = self.waiting[s]
+            release: dict[int, float] = {}
+            for up in list(queue):
+                dst = self._pick(s + 1, up, now, release)
+                if dst is None:
+                    continue
+                queue.remove(up)
+                u, d = self.ranks[up], self.ranks[dst]
+                u.phase, u.peer = "backward", dst
+                d.mb, d.phase, d.peer, d.since = u.mb, "forward", up, now
+                self.assignment[u.mb].append(dst)
+                out += [Action(ROUTE, up, u.mb, dst), Action(WORK, dst, u.mb, up)]
+        if self.round >= 0:
+            for r in sorted(self._free_ranks(0), key=lambda r: (self.ranks[r].hold or 0.0, r)):
+                mb = self._next_id(r)
+                if mb is None:
+                    continue
+                st = self.ranks[r]
+                st.mb, st.phase, st.peer, st.since = mb, "forward", -1, now
+                self.assignment[mb] = [r]
+                out.append(Action(WORK, r, mb, -1))
+        if self.round >= 0 and self.next_mb >= self.window_end and all(
+                st.phase == "idle" for st in self.ranks.values()) and self._window_done():
+            last = self.next_mb >= self.total
+            kind = STOP if last else AGGREGATE
+            self.round += 1
+            for r, st in self.ranks.items():
+                st.phase = "aggregating"
+                out.append(Action(kind, r, round=self.round))
+            if last:
+                self.round = -1
+            else:
+                self._open_window()
+        return out
+
+    def _window_done(self) -> bool:
+        return self.policy != "fixed" or not any(self.chain_ids)
+
+    def _next_id(self, rank: int) -> int | None:
+        if self.policy == "fixed":
+            ids = self.chain_ids[self.layout.replica_of(rank)]
+            if not ids:
+                return None
+            mb = ids.popleft()
+            self.next_mb = max(self.next_mb, mb + 1)
+            if not any(self.chain_ids):
+                self.next_mb = self.window_end
+            return mb
+        if self.next_mb >= self.window_end:
+            return None
+        mb = self.next_mb
+        self.next_mb += 1
+        return mb

@@ -1,0 +1,174 @@
+"""The DHP scheduler as a pure state machine, driven by a discrete-event simulation of ranks."""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+
+import pytest
+
+from hpcsrl.pipeline.schedule import AGGREGATE, ROUTE, STOP, WORK, Action, Scheduler
+from hpcsrl.pipeline.topology import Layout
+
+
+def simulate(sched: Scheduler, fwd: dict[int, float], bwd: dict[int, float]
+             ) -> tuple[float, list[Action]]:
+    """Run ranks with fixed per-rank forward/backward times (no transfer cost) to the end.
+
+    Returns (finish time, every action in order) and checks invariant 1 on the way.
+    """
+    layout = sched.layout
+    last = layout.stages - 1
+    events: list[tuple[float, int, str, int, int]] = []
+    seq = itertools.count()
+    holding: dict[int, int] = {}
+    upstream: dict[int, int] = {}
+    log: list[Action] = []
+    stopped: set[int] = set()
+
+    def push(t: float, kind: str, rank: int, mb: int = -1) -> None:
+        heapq.heappush(events, (t, next(seq), kind, rank, mb))
+
+    def apply(t: float, actions: list[Action]) -> None:
+        for a in actions:
+            log.append(a)
+            if a.kind == WORK:
+                assert a.rank not in holding, f"rank {a.rank} got work while holding one"
+                holding[a.rank] = a.mb
+                upstream[a.rank] = a.peer
+                if layout.stage_of(a.rank) == last:
+                    push(t + fwd[a.rank] + bwd[a.rank], "backward_done", a.rank, a.mb)
+                else:
+                    push(t + fwd[a.rank], "forward_done", a.rank, a.mb)
+            elif a.kind == ROUTE:
+                assert holding[a.rank] == a.mb
+            elif a.kind in (AGGREGATE, STOP):
+                assert not holding, "aggregation while mini-batches are in flight"
+                if a.kind == STOP:
+                    stopped.add(a.rank)
+                else:
+                    push(t, "free", a.rank)
+
+    for r in range(layout.size):
+        apply(0.0, sched.free(r, now=0.0))
+    t = 0.0
+    while events:
+        t, _, kind, rank, mb = heapq.heappop(events)
+        if kind == "forward_done":
+            apply(t, sched.forwarded(rank, mb, now=t))
+        elif kind == "grad":
+            push(t + bwd[rank], "backward_done", rank, mb)
+        elif kind == "backward_done":
+            up = upstream.pop(rank)
+            if up >= 0:
+                push(t, "grad", up, mb)
+            del holding[rank]
+            apply(t, sched.free(rank, mb, fwd[rank] + bwd[rank], now=t))
+        elif kind == "free":
+            apply(t, sched.free(rank, now=t))
+    assert stopped == set(range(layout.size)), "not every rank was stopped"
+    return t, log
+
+
+def check_assignment(sched: Scheduler, total: int) -> None:
+    assert sorted(sched.assignment) == list(range(total))
+    for mb, chain in sched.assignment.items():
+        assert [sched.layout.stage_of(r) for r in chain] == list(range(sched.layout.stages)), mb
+    counts = sched.counts()
+    for s in range(sched.layout.stages):
+        assert sum(counts[r] for r in sched.layout.ranks_of(s)) == total
+
+
+def paper_times(layout: Layout, stage_s: tuple[float, ...]) -> tuple[dict, dict]:
+    fwd = {r: stage_s[layout.stage_of(r)] / 3 for r in range(layout.size)}
+    bwd = {r: 2 * stage_s[layout.stage_of(r)] / 3 for r in range(layout.size)}
+    return fwd, bwd
+
+
+def bound(layout: Layout, stage_s: tuple[float, ...]) -> float:
+    """min_s r_s / L_s with L_s = own time + all later stages' time (no transfers)."""
+    return min(layout.replicas[s] / sum(stage_s[s:]) for s in range(layout.stages))
+
+
+def test_dynamic_321_uses_every_minibatch_once_and_reaches_the_bound() -> None:
+    layout = Layout.of([3, 2, 1])
+    times = (1.036, 1.140, 0.922)  # the paper's Table 6 partitions, seconds per iteration
+    sched = Scheduler(layout, total=300, aggregate_every=100, policy="dynamic")
+    t, log = simulate(sched, *paper_times(layout, times))
+    check_assignment(sched, 300)
+    assert sum(a.kind == AGGREGATE for a in log) == 2 * layout.size
+    assert sum(a.kind == STOP for a in log) == layout.size
+    measured = 300 / t
+    assert measured >= 0.95 * bound(layout, times)
+    # the single last-stage node ran everything; stage 0 and 1 replicas share their stage
+    counts = sched.counts()
+    assert counts[5] == 300
+    assert all(90 <= counts[r] <= 110 for r in (0, 1, 2))
+
+
+def test_dynamic_beats_fixed_chains() -> None:
+    times = (1.036, 1.140, 0.922)
+    fixed = Scheduler(Layout.of([2, 2, 2]), total=200, aggregate_every=100, policy="fixed")
+    t_fixed, _ = simulate(fixed, *paper_times(fixed.layout, times))
+    check_assignment(fixed, 200)
+    dyn = Scheduler(Layout.of([3, 2, 1]), total=200, aggregate_every=100, policy="dynamic")
+    t_dyn, _ = simulate(dyn, *paper_times(dyn.layout, times))
+    assert t_fixed / t_dyn >= 1.42
+
+
+def test_fixed_chains_keep_their_neighbours_and_split_ids_evenly() -> None:
+    layout = Layout.of([2, 2, 2])
+    sched = Scheduler(layout, total=40, aggregate_every=10, policy="fixed")
+    simulate(sched, *paper_times(layout, (1.0, 1.0, 1.0)))
+    check_assignment(sched, 40)
+    for mb, chain in sched.assignment.items():
+        assert chain in ([0, 2, 4], [1, 3, 5])
+        assert chain[0] == mb % 2
+    assert set(sched.counts().values()) == {20}
+
+
+def test_slower_replica_gets_proportionally_less_work() -> None:
+    layout = Layout.of([3, 2, 1])
+    fwd, bwd = paper_times(layout, (1.0, 1.0, 0.5))
+    fwd[3], bwd[3] = 2 * fwd[3], 2 * bwd[3]  # stage-1 replica 0 is twice as slow
+    sched = Scheduler(layout, total=300, aggregate_every=100, policy="dynamic")
+    simulate(sched, fwd, bwd)
+    check_assignment(sched, 300)
+    counts = sched.counts()
+    assert counts[3] < 0.7 * counts[4]
+
+
+def test_aggregation_only_with_nothing_in_flight_and_window_sizes() -> None:
+    layout = Layout.of([2, 1])
+    sched = Scheduler(layout, total=25, aggregate_every=10, policy="dynamic")
+    _, log = simulate(sched, *paper_times(layout, (1.0, 0.5)))
+    rounds = [a for a in log if a.kind in (AGGREGATE, STOP)]
+    assert [a.round for a in rounds] == [1, 1, 1, 2, 2, 2, 3, 3, 3]
+    # ids issued before each aggregation: 10, 20, then the rest
+    issued, seen = [], 0
+    for a in log:
+        if a.kind == WORK and a.peer == -1:
+            seen += 1
+        if a.kind == AGGREGATE and a.rank == 0:
+            issued.append(seen)
+    assert issued == [10, 20]
+
+
+def test_resume_starts_at_first_id_and_one_stage_runs_alone() -> None:
+    sched = Scheduler(Layout.of([1]), total=7, aggregate_every=3, policy="fixed", first=4)
+    simulate(sched, {0: 0.1}, {0: 0.2})
+    assert sorted(sched.assignment) == [4, 5, 6]
+    assert sched.counts() == {0: 3}
+
+
+def test_fixed_chains_refuse_unequal_replicas_and_activity_is_described() -> None:
+    with pytest.raises(ValueError, match="3/2/1"):
+        Scheduler(Layout.of([3, 2, 1]), total=10, aggregate_every=5, policy="fixed")
+    sched = Scheduler(Layout.of([1, 1]), total=4, aggregate_every=4)
+    sched.free(0)
+    assert "mini-batch 0" in sched.activity(0)
+    assert sched.activity(1).startswith("starting up")
+    sched.free(1)
+    assert sched.activity(1).startswith("idle")
+    with pytest.raises(ValueError):
+        sched.forwarded(1, 0)
