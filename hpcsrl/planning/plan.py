@@ -97,6 +97,7 @@ def describe(profile: Profile, costs: Costs, cluster: Cluster, objective: str,
         "transfer_total_s": (t_all - costs.total_time) / PS_PER_S,
         "model": profile.model,
         "batch_size": profile.batch_size,
+        "input_shape": list(profile.input_shape),  # [bands, H, W]: `hpcsrl dhp` checks its data
         "bandwidth_bytes_per_s": cluster.bandwidth,
         "latency_s": cluster.latency,
     }
