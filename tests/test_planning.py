@@ -6,6 +6,7 @@ import itertools
 import json
 import math
 import random
+import re
 import subprocess
 import sys
 import time
@@ -251,7 +252,8 @@ def test_infeasible_names_devices_and_budget():
     prof = Profile("m", 1, [1], "sgd", units)
     with pytest.raises(UserError, match=r"--devices 3 or more.*at least --memory 3000B"):
         make_plan(prof, cluster([2500, 2500], bw=1e9), "utilization")
-    with pytest.raises(UserError, match="one unit alone needs"):
+    with pytest.raises(UserError, match=r"6 units are too big alone, the largest unit 0 \(u0\) "
+                                        r"with 1000 B, so no device count works at 500 B"):
         make_plan(prof, cluster([500, 500], bw=1e9), "bottleneck")
     with pytest.raises(UserError, match="--total-devices"):
         make_plan(prof, cluster([6000, 6000], bw=1e9, total=1), "throughput")
@@ -345,3 +347,57 @@ def test_plan_cli_end_to_end_without_torch(tmp_path):
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "error" in proc.stderr
     assert not (tmp_path / "x.json").exists()
+
+
+def test_a_unit_too_big_for_any_device_is_named():
+    units = [UnitProfile(f"u{i}", 0.1, 0.1, 100, 0, 0, 8) for i in range(5)]
+    units[3] = UnitProfile("layer3.big", 0.1, 0.1, 5000, 0, 0, 8)
+    prof = Profile("m", 1, [1], "sgd", units)
+    for objective in ("utilization", "bottleneck", "throughput"):
+        with pytest.raises(UserError, match=r"unit 3 \(layer3\.big\) alone needs 4\.88 KiB, so no "
+                                            r"device count works at 1000 B") as info:
+            make_plan(prof, cluster([1000, 1000], bw=1e9), objective)
+        assert "units are too big" not in str(info.value)  # only one unit is too big
+
+
+def run_plan_cli(tmp_path, profile_json: dict, *options: str) -> subprocess.CompletedProcess:
+    ppath = tmp_path / "profile.json"
+    ppath.write_text(json.dumps(profile_json))
+    return subprocess.run([sys.executable, "-m", "hpcsrl.cli.main", "plan", "--profile",
+                           str(ppath), "--out", str(tmp_path / "plan.json"), *options],
+                          capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize("change,options,needle", [
+    ({}, ("--bandwidth", "1e-300B/s"), r"--bandwidth 1e-300 B/s, sending the \d+ B output of "
+                                       r"units\[\d\] \(u\d\) takes [0-9.e+]+ s, beyond"),
+    ({}, ("--bandwidth", "1e400B/s"), "--bandwidth: bandwidth '1e400B/s' is too large"),
+    ({}, ("--latency", "1e300"), r"--latency 1e\+300 s: give a latency in \[0, 1e\+12\] s"),
+    ({}, ("--latency", "1e400s"), "--latency: time '1e400s' is too large"),
+    ({}, ("--memory", "1e400"), "--memory: size '1e400' is too large"),
+    ({"forward_s": 1e300}, (), r"units\[2\]\.forward_s must be a number of seconds in "
+                               r"\[0, 1e\+12\], got 1e\+300"),
+    ({"output_bytes": 10**400}, (), r"units\[2\]\.output_bytes must be an integer number of bytes"),
+])
+def test_plan_cli_refuses_extreme_values_in_one_line(tmp_path, change, options, needle):
+    """Finite but absurd inputs once died with an OverflowError traceback."""
+    prof = random_profile(random.Random(3), 5).to_json()
+    prof["units"][2].update(change)
+    args = {"--devices": "2", "--memory": "1GiB", "--bandwidth": "1Gbit/s", "--latency": "0"}
+    args.update(dict(zip(options[::2], options[1::2], strict=True)))
+    proc = run_plan_cli(tmp_path, prof, *itertools.chain.from_iterable(args.items()))
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert re.search(needle, lines[0]), lines[0]
+    assert not (tmp_path / "plan.json").exists()
+
+
+def test_extreme_but_plannable_values_give_a_plan():
+    """The largest times the planner accepts still give an exact plan with finite figures."""
+    units = [UnitProfile(f"u{i}", 1e12 if i == 1 else 1e-300, 0.0, 10, 0, 0, 10**18)
+             for i in range(4)]
+    prof = Profile("m", 1, [1], "sgd", units)
+    # 1e18 B at 1e7 B/s plus 1e11 s latency: 2e11 s per message, below the 1e12 s limit
+    plan = make_plan(prof, cluster([10**300] * 2, bw=1e7, lat=1e11), "throughput")
+    assert plan["cuts"] and math.isfinite(plan["throughput_bound_per_s"])
+    assert "stage" in render_plan(plan)

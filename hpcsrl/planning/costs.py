@@ -12,13 +12,25 @@ from dataclasses import dataclass
 from fractions import Fraction
 
 from hpcsrl.errors import UserError
-from hpcsrl.planning.profile import Profile
+from hpcsrl.planning.profile import MAX_SECONDS, Profile
 
 PS_PER_S = 10**12
 
 
 def to_ps(seconds: float) -> int:
     return int(round(seconds * PS_PER_S))
+
+
+def checked_ps(seconds: float, what: str) -> int:
+    """Integer picoseconds of a time up to MAX_SECONDS; beyond it, one UserError naming `what`.
+
+    Extreme but finite inputs (a unit of 1e300 s, 1e-300 B/s) would otherwise overflow the
+    integer conversion or the search's float bounds.
+    """
+    if not math.isfinite(seconds) or seconds > MAX_SECONDS:
+        raise UserError(f"{what} takes {seconds:.3g} s, beyond the {MAX_SECONDS:g} s the "
+                        "planner handles; check the profile and the link options")
+    return to_ps(seconds)
 
 
 @dataclass(frozen=True)
@@ -43,14 +55,21 @@ class Costs:
         units = profile.units
         self.q = len(units)
         self.names = [u.name for u in units]
-        self.unit_time = [to_ps(u.forward_s) + to_ps(u.backward_s) for u in units]
-        if bandwidth <= 0:
+        if not bandwidth > 0:
             raise UserError("--bandwidth must be positive")
+        if not 0 <= latency <= MAX_SECONDS:
+            raise UserError(f"--latency {latency:.3g} s: give a latency in [0, {MAX_SECONDS:g}] s")
+        self.unit_time = [checked_ps(u.forward_s, f"--profile: units[{i}] ({u.name}) forward")
+                          + checked_ps(u.backward_s, f"--profile: units[{i}] ({u.name}) backward")
+                          for i, u in enumerate(units)]
         self._time = _prefix(self.unit_time)
         self._static = _prefix([u.param_bytes + u.state_bytes for u in units])
         self._act = _prefix([u.activation_bytes for u in units])
         # cut[c]: one-way message time over cut c (between unit c-1 and unit c), c in 1..q-1.
-        self.cut = [0] + [to_ps(units[c - 1].output_bytes / bandwidth + latency)
+        self.cut = [0] + [checked_ps(units[c - 1].output_bytes / bandwidth + latency,
+                                     f"at --bandwidth {bandwidth:.3g} B/s, sending the "
+                                     f"{units[c - 1].output_bytes} B output of units[{c - 1}] "
+                                     f"({units[c - 1].name})")
                           for c in range(1, self.q)]
 
     @property

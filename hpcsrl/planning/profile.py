@@ -14,6 +14,10 @@ from hpcsrl.fileio import write_json
 
 _INT_FIELDS = ("param_bytes", "state_bytes", "activation_bytes", "output_bytes")
 _FLOAT_FIELDS = ("forward_s", "backward_s")
+# Beyond any measurement (31,700 years; 8 EiB), and small enough that the planner's exact integer
+# picoseconds and its float bounds never overflow.
+MAX_SECONDS = 1e12
+MAX_BYTES = 2**63 - 1
 
 
 @dataclass(frozen=True)
@@ -69,13 +73,16 @@ def _check_unit(raw: Any, i: int, where: str) -> UnitProfile:
     values: dict[str, Any] = {"name": str(raw["name"])}
     for key in _FLOAT_FIELDS:
         v = raw[key]
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
-            raise UserError(f"{where}: units[{i}].{key} must be a finite number >= 0, got {v!r}")
+        if (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
+                or not 0 <= v <= MAX_SECONDS):
+            raise UserError(f"{where}: units[{i}].{key} must be a number of seconds in "
+                            f"[0, {MAX_SECONDS:g}], got {v!r}")
         values[key] = float(v)
     for key in _INT_FIELDS:
         v = raw[key]
-        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-            raise UserError(f"{where}: units[{i}].{key} must be an integer >= 0, got {v!r}")
+        if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= MAX_BYTES:
+            raise UserError(f"{where}: units[{i}].{key} must be an integer number of bytes in "
+                            f"[0, 2**63), got {v!r}")
         values[key] = v
     return UnitProfile(**values)
 

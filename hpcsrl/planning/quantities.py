@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 from hpcsrl.errors import UserError
@@ -14,15 +15,22 @@ _TIME_UNITS = {"s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "ns": 1e-9}
 _TIME_RE = re.compile(rf"^{_NUMBER}\s*(s|ms|us|µs|ns)?$")
 
 
-def _scaled(text: str, what: str, option: str) -> tuple[float, str]:
-    """Number times its (decimal or binary) prefix, plus the trailing unit ('B', 'bit' or '')."""
+def _scaled(text: str, what: str, option: str, shown: str | None = None) -> tuple[float, str]:
+    """Number times its (decimal or binary) prefix, plus the trailing unit ('B', 'bit' or '').
+
+    `shown` is what the user typed (errors quote it), when `text` is a part of it.
+    """
+    shown = text if shown is None else shown
     m = _SIZE_RE.match(text.strip())
     if not m:
-        raise UserError(f"{option}: cannot read {what} {text!r} "
+        raise UserError(f"{option}: cannot read {what} {shown!r} "
                         "(examples: 3GiB, 3000MB, 3221225472)")
     number, prefix, unit = float(m.group(1)), m.group(2) or "", m.group(3) or ""
     factor = _BINARY.get(prefix) or _DECIMAL[prefix]
-    return number * factor, unit
+    value = number * factor
+    if not math.isfinite(value):
+        raise UserError(f"{option}: {what} {shown!r} is too large to be a number")
+    return value, unit
 
 
 def parse_size(text: str, option: str = "--memory") -> int:
@@ -30,8 +38,8 @@ def parse_size(text: str, option: str = "--memory") -> int:
     value, unit = _scaled(text, "size", option)
     if unit in ("bit", "b"):
         value /= 8
-    if value <= 0:
-        raise UserError(f"{option}: size {text!r} must be positive")
+    if round(value) < 1:
+        raise UserError(f"{option}: size {text!r} must be at least one byte")
     return int(round(value))
 
 
@@ -52,7 +60,7 @@ def parse_bandwidth(text: str, option: str = "--bandwidth") -> float:
     if not t.endswith("/s"):
         raise UserError(f"{option}: bandwidth {text!r} needs a rate unit "
                         "(examples: 1Gbit/s, 125MB/s, 12500000B/s)")
-    value, unit = _scaled(t[:-2], "bandwidth", option)
+    value, unit = _scaled(t[:-2], "bandwidth", option, shown=text)
     if unit == "":
         raise UserError(f"{option}: say whether {text!r} is bits or bytes per second "
                         "(e.g. 1Gbit/s or 125MB/s)")
@@ -69,19 +77,21 @@ def parse_latency(text: str, option: str = "--latency") -> float:
     if not m:
         raise UserError(f"{option}: cannot read time {text!r} (examples: 0.1ms, 1e-4s, 100us)")
     value = float(m.group(1)) * _TIME_UNITS[m.group(2) or "s"]
+    if not math.isfinite(value):
+        raise UserError(f"{option}: time {text!r} is too large to be a number")
     if value < 0:
         raise UserError(f"{option}: latency {text!r} must not be negative")
     return value
 
 
 def format_bytes(n: float) -> str:
-    """Human-readable binary size, e.g. 3.00 GiB."""
+    """Human-readable binary size, e.g. 3.00 GiB (up to PiB; then in scientific notation)."""
     value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(value) < 1024 or unit == "GiB":
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if abs(value) < 1024:
             return f"{value:.0f} B" if unit == "B" else f"{value:.2f} {unit}"
         value /= 1024
-    raise AssertionError("unreachable")
+    return f"{float(n):.3g} B"
 
 
 def format_seconds(s: float) -> str:

@@ -94,9 +94,13 @@ def require_feasible(costs: Costs, budgets: Sequence[int]) -> Feasibility:
     budget_text = (format_bytes(budgets[0]) if len(set(budgets)) == 1
                    else "the budgets " + ",".join(format_bytes(b) for b in budgets))
     if need_devices is None:
-        largest = max(costs.memory(a, a + 1) for a in range(costs.q))
-        devices_text = (f"one unit alone needs {format_bytes(largest)}, so no device count "
-                        f"works at {format_bytes(biggest)}")
+        too_big = [a for a in range(costs.q) if costs.memory(a, a + 1) > biggest]
+        largest = max(too_big, key=lambda a: costs.memory(a, a + 1))
+        name, need = f"unit {largest} ({costs.names[largest]})", format_bytes(
+            costs.memory(largest, largest + 1))
+        unit_text = (f"{name} alone needs {need}" if len(too_big) == 1 else
+                     f"{len(too_big)} units are too big alone, the largest {name} with {need}")
+        devices_text = f"{unit_text}, so no device count works at {format_bytes(biggest)}"
     else:
         devices_text = f"use --devices {need_devices} or more at {format_bytes(biggest)} each"
     raise UserError(
