@@ -39,10 +39,10 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         if _WEIGHTS_ONLY_REFUSAL in str(exc):
-            raise UserError(f"{path}: refused as unsafe: it holds pickled objects{_culprit(exc)}, "
-                            "not only tensors and plain values, and hpcsrl never runs code from a "
-                            "checkpoint (torch.load weights_only=True); use one written by "
-                            "`hpcsrl pretrain`") from None
+            raise UserError(f"{path}: refused as unsafe: it holds pickled objects or code"
+                            f"{_culprit(exc)}, not only tensors and plain values, and hpcsrl never "
+                            "runs code from a checkpoint (torch.load weights_only=True); use one "
+                            "written by `hpcsrl pretrain`") from None
         raise _unreadable(path, exc) from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as exc:
         raise _unreadable(path, exc) from None
@@ -60,7 +60,7 @@ _WEIGHTS_ONLY_REFUSAL = "Weights only load failed"
 
 def _culprit(exc: Exception) -> str:
     """' (e.g. posix.system)' naming the global the safe unpickler refused, when it says."""
-    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
+    found = re.search(r"\bGLOBAL ([\w.]+)", str(exc))
     return f" (e.g. {found.group(1)})" if found else ""
 
 
