@@ -10,6 +10,8 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+from hpcsrl.cli.main import main
+from hpcsrl.errors import UserError
 from hpcsrl.models.units import run_units, tensor_bytes
 from hpcsrl.planning.profile import load_profile
 from hpcsrl.profiling.profiler import profile_units, time_chain
@@ -117,11 +119,30 @@ def test_lite_srl_units_profile_against_graph():
     assert all(p.forward_s > 0 and p.backward_s >= 0 for p in prof)
 
 
-def test_time_chain_gives_positive_medians_and_clears_grads():
+def test_time_chain_gives_positive_medians_and_does_not_accumulate_grads():
     units = tiny_units()
-    fw, bw = time_chain(units, torch.randn(2, 3, 8, 8), [False], repeats=3, warmup=1)
+    params = [p for _, u in units for p in u.parameters()]
+    x = torch.randn(2, 3, 8, 8)
+    run_units(units, x).backward()  # one run's gradients (the scalar loss makes runs identical)
+    once = [p.grad.clone() for p in params]
+    fw, bw = time_chain(units, x, [False], repeats=3, warmup=1)
     assert fw > 0 and bw > 0
-    assert all(p.grad is not None for _, u in units for p in u.parameters())
+    # four runs, each from cleared gradients: what is left is one run's gradient, not four
+    for p, g in zip(params, once, strict=True):
+        torch.testing.assert_close(p.grad, g)
+
+
+@pytest.mark.parametrize("scale", [float("nan"), float("inf"), 0.0, -1.0])
+def test_time_scale_must_be_finite_and_positive(scale, capsys, tmp_path):
+    with pytest.raises(UserError, match="--time-scale must be a finite number > 0"):
+        profile_units(tiny_units(), torch.randn(2, 3, 8, 8), repeats=1, warmup=0,
+                      time_scale=scale)
+    out = tmp_path / "profile.json"
+    code = main(["profile", "--time-scale", str(scale), "--input-size", "8", "--batch-size", "1",
+                 "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "--time-scale" in err[0], err
+    assert not out.exists()
 
 
 @pytest.mark.slow

@@ -35,12 +35,13 @@ def run(args: argparse.Namespace) -> int:
     from hpcsrl.models.registry import build_method
     from hpcsrl.planning.profile import Profile, save_profile
     from hpcsrl.planning.quantities import format_bytes
-    from hpcsrl.profiling.profiler import profile_units
+    from hpcsrl.profiling.profiler import check_time_scale, profile_units
 
     log = get_logger()
     for opt in ("bands", "input_size", "batch_size"):
         if getattr(args, opt) < 1:
             raise UserError(f"--{opt.replace('_', '-')} must be at least 1")
+    check_time_scale(args.time_scale)  # before minutes of measuring, not after
     if args.threads is not None:
         if args.threads < 1:
             raise UserError("--threads must be at least 1")

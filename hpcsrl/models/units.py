@@ -26,10 +26,19 @@ def run_units(units: Sequence[Unit], h: Any) -> Any:
     return h
 
 
+def tensors_of(h: Any) -> list[Tensor]:
+    """The tensors of a chain value (a tensor or nested tuples/lists of them), in order.
+
+    The one flattening of what crosses a cut: the profiler, the byte counts and the senders all
+    see the same tensors in the same order.
+    """
+    if isinstance(h, Tensor):
+        return [h]
+    if isinstance(h, (tuple, list)):
+        return [t for x in h for t in tensors_of(x)]
+    return []
+
+
 def tensor_bytes(h: Any) -> int:
     """Bytes of a unit's output as sent to the next unit (sum over a tuple of tensors)."""
-    if isinstance(h, Tensor):
-        return h.numel() * h.element_size()
-    if isinstance(h, (tuple, list)):
-        return sum(tensor_bytes(t) for t in h)
-    return 0
+    return sum(t.numel() * t.element_size() for t in tensors_of(h))

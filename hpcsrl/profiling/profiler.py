@@ -7,6 +7,7 @@ for backward during the unit's forward (seen through `saved_tensors_hooks`).
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -16,19 +17,10 @@ import torch
 from torch import Tensor, nn
 
 from hpcsrl.errors import UserError
-from hpcsrl.models.units import Unit, run_units, tensor_bytes
+from hpcsrl.models.units import Unit, run_units, tensor_bytes, tensors_of
 from hpcsrl.planning.profile import UnitProfile
 
 OPTIMIZERS = ("sgd", "adam")
-
-
-def tensors_of(h: Any) -> list[Tensor]:
-    """The tensors of a chain value (a tensor or a tuple/list of them), in order."""
-    if isinstance(h, Tensor):
-        return [h]
-    if isinstance(h, (tuple, list)):
-        return [t for x in h for t in tensors_of(x)]
-    return []
 
 
 def _rebuild(h: Any, it: Any) -> Any:
@@ -232,12 +224,18 @@ def measure_times(units: Sequence[Unit], chain_input: Any, repeats: int = 3, war
     return [time_chain([unit], inputs[i], masks[i], repeats, warmup) for i, unit in items]
 
 
+def check_time_scale(time_scale: float) -> float:
+    """--time-scale must be finite and > 0: NaN or inf would be written into every unit's time."""
+    if not math.isfinite(time_scale) or time_scale <= 0:
+        raise UserError(f"--time-scale must be a finite number > 0, got {time_scale!r}")
+    return time_scale
+
+
 def profile_units(units: Sequence[Unit], chain_input: Any, optimizer: str = "sgd",
                   repeats: int = 3, warmup: int = 1, time_scale: float = 1.0,
                   progress: bool = False) -> list[UnitProfile]:
     """Profile every unit of a chain on one input batch (a CWB profile's `units` list)."""
-    if time_scale <= 0:
-        raise UserError("--time-scale must be positive")
+    check_time_scale(time_scale)
     memory = measure_memory(units, chain_input, optimizer)
     times = measure_times(units, chain_input, repeats, warmup, progress)
     return [UnitProfile(name=name, forward_s=fw * time_scale, backward_s=bw * time_scale, **mem)
