@@ -18,7 +18,7 @@ TORCH_SPEC="torch==2.13.0"
 # Versions are pinned loosely; torch is pinned exactly (any other spec pulls CUDA packages).
 PY_PKGS=(numpy setuptools wheel "cython<3.2" pkgconfig "mpi4py>=4.0" h5py scikit-learn
          matplotlib tqdm pytest pytest-timeout ruff psutil pyyaml cloudpickle packaging cffi)
-APT_PKGS=(openmpi-bin libopenmpi-dev libgdal-dev gdal-bin cmake g++ slurm-wlm munge shellcheck)
+APT_PKGS=(openmpi-bin libopenmpi-dev libgdal-dev gdal-bin cmake g++ slurm-wlm munge shellcheck iproute2)
 
 # A cached wheel of NAME==VERSION (wheel names may be lower-cased by pip), or nothing.
 cached_wheel() { find "$WHEELS" -maxdepth 1 -iname "$1-$2-*.whl" 2>/dev/null | head -n1; }
