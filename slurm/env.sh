@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Sourced (not run) by slurm/*.sbatch and slurm/tx2/*.sh: load modules, put the hpcsrl virtualenv
 # on PATH, one compute thread per CPU the rank owns. Expects HPCSRL_HOME (the checkout) to be set.
 #
@@ -18,6 +19,7 @@ hpcsrl_die() {
 if [[ -n ${HPCSRL_MODULES:-} ]]; then
   # `module` is a shell function from the site's profile; batch shells may not have read it.
   if ! type module >/dev/null 2>&1 && [[ -f /etc/profile.d/modules.sh ]]; then
+    # shellcheck source=/dev/null  # the site's file, not part of this repository
     source /etc/profile.d/modules.sh
   fi
   type module >/dev/null 2>&1 \

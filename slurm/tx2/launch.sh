@@ -16,6 +16,7 @@
 # Exit codes: 2 usage / hostfile problem, 3 environment, otherwise mpirun's.
 set -euo pipefail
 HPCSRL_HOME=${HPCSRL_HOME:-$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)}
+# shellcheck source-path=SCRIPTDIR source=../env.sh  # the checkout's slurm/env.sh
 source "$HPCSRL_HOME/slurm/env.sh"
 
 hpcsrl_need_args 1 $# "${BASH_SOURCE[0]}"

@@ -8,6 +8,7 @@
 # Exit codes: 2 usage / bad input path, 3 environment, otherwise the preprocessing's.
 set -euo pipefail
 HPCSRL_HOME=${HPCSRL_HOME:-$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)}
+# shellcheck source-path=SCRIPTDIR source=../env.sh  # the checkout's slurm/env.sh
 source "$HPCSRL_HOME/slurm/env.sh"
 hpcsrl_need_args 2 $# "${BASH_SOURCE[0]}"
 [[ -e $1 ]] || hpcsrl_die 2 "INPUT_DIR '$1' does not exist"

@@ -9,6 +9,7 @@
 # Exit codes: 2 usage / missing DATA.h5, 3 environment, otherwise the trainer's.
 set -euo pipefail
 HPCSRL_HOME=${HPCSRL_HOME:-$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)}
+# shellcheck source-path=SCRIPTDIR source=../env.sh  # the checkout's slurm/env.sh
 source "$HPCSRL_HOME/slurm/env.sh"
 hpcsrl_need_args 2 $# "${BASH_SOURCE[0]}"
 [[ -f $1 ]] || hpcsrl_die 2 "DATA.h5 '$1' does not exist"
