@@ -70,6 +70,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="read all patches into memory once (float32: 4 x bands x size^2 bytes "
                    "each) instead of an HDF5 read per batch")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--pretrain-on", choices=("pool", "all"), default="pool",
+                   help="pool (default): never read the test or validation patches of the split; "
+                   "all: include them deliberately (recorded in the checkpoint)")
+    add_split_arguments(p)
 
 
 def parse_method_options(method: str, items: list[str]) -> dict[str, Any]:
@@ -119,14 +123,13 @@ def run(args: argparse.Namespace) -> int:
     options = parse_method_options(args.method, args.method_option)
     import torch
 
-    from hpcsrl.data import PatchDataset
     from hpcsrl.train.loop import PretrainConfig, Pretrainer
 
     threads = args.threads if args.threads is not None else default_threads()
     if threads < 1:
         raise UserError("--threads must be at least 1")
     torch.set_num_threads(threads)
-    ds = PatchDataset(args.data, bands=args.bands)
+    ds = pretrain_dataset(args)
     cfg = PretrainConfig(method=args.method, backbone=args.backbone, bands=args.bands,
                          epochs=args.epochs, batch_size=args.batch_size,
                          input_size=args.input_size, lr=args.lr, weight_decay=args.weight_decay,
@@ -137,3 +140,45 @@ def run(args: argparse.Namespace) -> int:
                          in_memory=args.in_memory)
     Pretrainer(ds, cfg, args.out, resume=args.resume).run()
     return 0
+
+
+def add_split_arguments(p: argparse.ArgumentParser) -> None:
+    """The split options shared by `hpcsrl pretrain` and `hpcsrl evaluate` (hpcsrl.data.splits)."""
+    g = p.add_argument_group(
+        "test / validation / pool split",
+        "One split.json per file and seed: pre-training and BatchNorm statistics read the pool "
+        "only, choices are made on the validation part, the test part is only scored.")
+    g.add_argument("--split", default=None, metavar="SPLIT.json",
+                   help="split file to reuse (refused when drawn for another file), or to draw "
+                   "and write when absent (default: OUT/split.json, or the checkpoint's)")
+    g.add_argument("--split-seed", type=int, default=None,
+                   help="seed of a new split (default 0)")
+    g.add_argument("--test-fraction", type=float, default=None,
+                   help="share of the labelled patches held out for test in a new split "
+                   "(default 0.2)")
+    g.add_argument("--val-fraction", type=float, default=None,
+                   help="share held out for validation in a new split (default 0.1)")
+
+
+def split_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The split options the user set (the rest: the recorded split's or the defaults)."""
+    return {"seed": args.split_seed, "test_fraction": args.test_fraction,
+            "val_fraction": args.val_fraction}
+
+
+def pretrain_dataset(args: argparse.Namespace, write_split: bool = True):
+    """The patches pre-training may read: the split's pool (test and validation never), or all
+    of them with --pretrain-on all; the split is recorded in the checkpoint's data fingerprint."""
+    from pathlib import Path
+
+    from hpcsrl.data.splits import Layout, SplitPatches, resolve_split
+    from hpcsrl.log import get_logger
+
+    split = resolve_split(args.split or Path(args.out) / "split.json", Layout.read(args.data),
+                          split_options(args), write=write_split)
+    ds = SplitPatches(args.data, args.bands, split, args.pretrain_on)
+    get_logger("hpcsrl.pretrain").info(
+        "split %s (%s, digest %s): pre-training reads %s, %d of %d patches", split.path,
+        split.grouping, split.digest(), "ALL patches, test included (--pretrain-on all)"
+        if args.pretrain_on == "all" else "the pool only", len(ds), split.n_patches)
+    return ds
