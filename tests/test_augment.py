@@ -74,7 +74,7 @@ def test_geometry_identity_and_dihedral():
         assert any(torch.allclose(y[i], c, atol=1e-5) for c in cands)
 
 
-def test_blur_keeps_constants_and_means():
+def test_blur_keeps_constants_and_lowers_the_spread():
     x = torch.full((3, 2, 20, 20), 2.5)
     assert torch.allclose(gaussian_blur(x, _gen(), p=1.0), x, atol=1e-6)
     z = _batch(2, n=3, size=20)
