@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The Slurm path end to end on one machine (as root): a private one-node Slurm (munged, slurmctld,
-# slurmd in a temp folder; see hpcsrl/testing/slurm_cluster.py), synthetic scenes, then
+# slurmd in a temp folder; see tests/slurm/cluster.py), synthetic scenes, then
 # `sbatch --wait slurm/preprocess.sbatch` with 2 ranks started by srun --mpi=pmix.
 #
 #   scripts/slurm_smoke.sh [OUT_DIR]      (default: a temp folder, removed afterwards)
@@ -20,7 +20,7 @@ cd "$OUT"
 echo "[slurm-smoke] synthetic scenes in $OUT/scenes"
 hpcsrl synth --out scenes --scenes 4 --size 240 --size-spread 0.5 --classes 4 --seed 0 --force
 rc=0
-timeout 600 python -m hpcsrl.testing.slurm_cluster --cpus 4 -- \
+timeout 600 python "$ROOT/tests/slurm/cluster.py" --cpus 4 -- \
   sbatch --wait --ntasks=2 --output="$OUT/preprocess.out" \
   "$ROOT/slurm/preprocess.sbatch" scenes patches.h5 --patch-size 60 || rc=$?
 echo "[slurm-smoke] job log:"

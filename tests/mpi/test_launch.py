@@ -5,7 +5,6 @@ These prove the installation, not hpcsrl's algorithms: if one fails, every MPI f
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 import shutil
@@ -13,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import h5py
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
@@ -70,9 +70,6 @@ def parse_ranks(folder: Path) -> list[dict[str, str]]:
     return sorted(rows, key=lambda row: int(row["rank"]))
 
 
-def need_horovod() -> None:
-    if importlib.util.find_spec("horovod") is None:
-        pytest.skip("horovod is not installed")
 
 
 @pytest.mark.mpi
@@ -87,8 +84,8 @@ def test_mpi4py_ranks_see_each_other(run_mpi, tmp_path: Path) -> None:
 
 @pytest.mark.mpi
 @pytest.mark.slow
+@pytest.mark.usefixtures("needs_horovod")
 def test_horovodrun_check_build_has_pytorch_and_mpi() -> None:
-    need_horovod()
     exe = shutil.which("horovodrun") or str(Path(PY).with_name("horovodrun"))
     proc = subprocess.run([exe, "--check-build"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
@@ -98,8 +95,8 @@ def test_horovodrun_check_build_has_pytorch_and_mpi() -> None:
 
 @pytest.mark.mpi
 @pytest.mark.slow
+@pytest.mark.usefixtures("needs_horovod")
 def test_horovod_torch_allreduce_under_mpirun(run_mpi, tmp_path: Path) -> None:
-    need_horovod()
     script = tmp_path / "hvd.py"
     script.write_text(HOROVOD_PY)
     proc = run_mpi(2, [PY, str(script), str(tmp_path)], timeout=180)
@@ -151,9 +148,8 @@ def test_tx2_hostfile_example_marks_placeholders() -> None:
 
 
 @pytest.mark.mpi
+@pytest.mark.usefixtures("needs_mpirun")
 def test_tx2_launcher_starts_one_rank_per_slot(tmp_path: Path) -> None:
-    if shutil.which("mpirun") is None:
-        pytest.skip("mpirun not installed")
     script = tmp_path / "ranks.py"
     script.write_text(RANKS_PY)
     proc = launch([str(TX2 / "launch.sh"), PY, str(script), str(tmp_path)],
@@ -168,12 +164,8 @@ def test_tx2_launcher_starts_one_rank_per_slot(tmp_path: Path) -> None:
 
 @pytest.mark.mpi
 @pytest.mark.slow
+@pytest.mark.usefixtures("needs_mpirun")
 def test_tx2_launchers_preprocess_then_pretrain(tmp_path: Path) -> None:
-    if importlib.util.find_spec("preprocess.main") is None:
-        pytest.skip("hpcsrl-preprocess (preprocess/main.py) is not available yet")
-    if shutil.which("mpirun") is None:
-        pytest.skip("mpirun not installed")
-    h5py = pytest.importorskip("h5py")
     scenes = tmp_path / "scenes"
     subprocess.run([PY, "-m", "hpcsrl.cli.main", "synth", "--out", str(scenes), "--scenes", "2",
                     "--size", "120", "--size-spread", "0", "--classes", "3", "--seed", "2"],
@@ -186,8 +178,6 @@ def test_tx2_launchers_preprocess_then_pretrain(tmp_path: Path) -> None:
         assert f["data_super"].shape[1:] == (12, 60, 60) and f["data_super"].shape[0] > 0
         assert int(f.attrs["n_ranks"]) == 2
 
-    if importlib.util.find_spec("hpcsrl.cli.pretrain") is None:
-        pytest.skip("hpcsrl pretrain is not available yet")
     run = tmp_path / "run"
     proc = launch([str(TX2 / "run_pretrain.sh"), str(out), str(run), "--bands", "s2",
                    "--epochs", "1", "--batch-size", "2", "--input-size", "32", "--no-progress"],

@@ -6,17 +6,16 @@ daemons; the rest are marked `slurm` and `slow` and share one session-scoped clu
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 import subprocess
 import sys
 from pathlib import Path
 
+import cluster as sc
+import h5py
 import numpy as np
 import pytest
-
-from hpcsrl.testing import slurm_cluster as sc
 
 REPO = Path(__file__).resolve().parents[2]
 PREPROCESS_SBATCH = REPO / "slurm" / "preprocess.sbatch"
@@ -126,9 +125,8 @@ def test_a_job_that_never_starts_times_out_and_is_cancelled(slurm_cluster) -> No
 
 @pytest.mark.slurm
 @pytest.mark.slow
+@pytest.mark.usefixtures("needs_horovod")
 def test_horovod_allreduce_under_srun(submit, tmp_path: Path) -> None:
-    if importlib.util.find_spec("horovod") is None:
-        pytest.skip("horovod is not installed")
     (tmp_path / "hvd.py").write_text(
         "import torch\nimport horovod.torch as hvd\nhvd.init()\n"
         "t = hvd.allreduce(torch.tensor([float(hvd.rank() + 1)]), op=hvd.Sum)\n"
@@ -140,15 +138,9 @@ def test_horovod_allreduce_under_srun(submit, tmp_path: Path) -> None:
     assert found == [("0", "2", "3"), ("1", "2", "3")], job.report()
 
 
-def _need_preprocess() -> None:
-    if importlib.util.find_spec("preprocess.main") is None:
-        pytest.skip("hpcsrl-preprocess (preprocess/main.py) is not available yet")
-
-
 @pytest.fixture(scope="module")
 def scenes(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Three small synthetic S1+S2 scenes of different sizes."""
-    _need_preprocess()
     out = tmp_path_factory.mktemp("scenes")
     subprocess.run([PY, "-m", "hpcsrl.cli.main", "synth", "--out", str(out), "--scenes", "3",
                     "--size", "150", "--size-spread", "0.3", "--classes", "3", "--seed", "5"],
@@ -171,7 +163,6 @@ def reference_h5(scenes: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
 @pytest.mark.slow
 def test_preprocess_sbatch_writes_the_same_hdf5_as_one_process(
         submit, tmp_path: Path, scenes: Path, reference_h5: Path) -> None:
-    h5py = pytest.importorskip("h5py")
     job = submit(PREPROCESS_SBATCH, str(scenes), "out/patches.h5", "--patch-size", "60",
                  timeout=150)
     assert job.result.returncode == 0, job.report()
@@ -195,8 +186,6 @@ def test_preprocess_sbatch_writes_the_same_hdf5_as_one_process(
 @pytest.mark.slurm
 @pytest.mark.slow
 def test_pretrain_sbatch_runs_one_epoch(submit, tmp_path: Path, reference_h5: Path) -> None:
-    if importlib.util.find_spec("hpcsrl.cli.pretrain") is None:
-        pytest.skip("hpcsrl pretrain is not available yet")
     job = submit(PRETRAIN_SBATCH, str(reference_h5), "run", "--bands", "s2", "--epochs", "1",
                  "--batch-size", "2", "--input-size", "32", "--no-progress",
                  sbatch=["--cpus-per-task=2"], timeout=240)
@@ -211,7 +200,6 @@ def test_pretrain_sbatch_runs_one_epoch(submit, tmp_path: Path, reference_h5: Pa
 @pytest.mark.slurm
 @pytest.mark.slow
 def test_preprocess_sbatch_fails_cleanly_on_empty_input(submit, tmp_path: Path) -> None:
-    _need_preprocess()
     (tmp_path / "empty").mkdir()
     job = submit(PREPROCESS_SBATCH, "empty", "out/patches.h5", "--patch-size", "60")
     assert job.result.returncode not in (0, None), job.report()

@@ -1,4 +1,4 @@
-"""A real one-node Slurm (munged, slurmctld, slurmd) in a scratch folder, for tests and smoke runs.
+"""Test infrastructure: a real one-node Slurm (munged, slurmctld, slurmd) in a scratch folder.
 
 Why private daemons: tests must exercise the same `sbatch` / `srun --mpi=pmix` path a cluster user
 takes, without systemd, without touching a site's Slurm or another user's munged. Everything lives
@@ -10,7 +10,8 @@ Only the daemons started here are ever stopped, by PID, even when the body of th
         result = cluster.sbatch(["job.sbatch"], timeout=60)
         assert result.returncode == 0, cluster.diagnostics()
 
-As a command: `python -m hpcsrl.testing.slurm_cluster -- sbatch --wait job.sbatch`
+As a command (scripts/slurm_smoke.sh uses it):
+    python tests/slurm/cluster.py -- sbatch --wait job.sbatch
 """
 
 from __future__ import annotations
@@ -352,10 +353,10 @@ def slurm_cluster(cpus: int = 4, memory_mb: int = 2000, workdir: str | os.PathLi
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m hpcsrl.testing.slurm_cluster",
+        prog="python tests/slurm/cluster.py",
         description="Start a private one-node Slurm (munged, slurmctld, slurmd as root), run "
                     "COMMAND with SLURM_CONF pointing at it, then stop the daemons. Example: "
-                    "python -m hpcsrl.testing.slurm_cluster -- sbatch --wait job.sbatch")
+                    "python tests/slurm/cluster.py -- sbatch --wait job.sbatch")
     parser.add_argument("--cpus", type=int, default=4,
                         help="CPUs the node declares (may exceed the real cores; default 4)")
     parser.add_argument("--keep", action="store_true",

@@ -1,1 +1,0 @@
-"""Test infrastructure that ships with the package (real daemons for integration tests)."""
