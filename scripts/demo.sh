@@ -37,3 +37,5 @@ hpcsrl plan --profile "$OUT/profile.json" --devices 3 --memory 150MB --bandwidth
   --objective utilization --out "$OUT/plan.json"
 
 printf '\nDemo finished: outputs in %s\n' "$OUT"
+step "what the demo showed"
+python "$ROOT/scripts/demo_summary.py" "$OUT"
