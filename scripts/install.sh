@@ -43,10 +43,14 @@ if ((${#missing_apt[@]})); then
     if ((${#need[@]})); then
       die "missing commands: ${need[*]}. Load your site's modules (e.g. 'module load OpenMPI GDAL CMake GCC') or ask your admins; this script only calls apt-get as root."
     fi
-    for c in sbatch srun; do command -v "$c" >/dev/null || say "note: '$c' not found; Slurm jobs and the slurm tests will be skipped"; done
+    for c in sbatch srun; do command -v "$c" >/dev/null || say "note: '$c' not found; Slurm jobs cannot run, and \`make test\` fails its Slurm tests (plain pytest skips them)"; done
   fi
 fi
-command -v gdal-config >/dev/null || die "gdal-config not found after package install"
+# Checked on every run, also when the virtualenv is up to date: a machine whose PATH lost OpenMPI
+# must not look ready (the demo and the MPI tests need these commands).
+for c in mpirun mpicc gdal-config; do
+  command -v "$c" >/dev/null || die "'$c' not found on PATH: OpenMPI or GDAL is missing or off PATH (Debian: openmpi-bin libopenmpi-dev gdal-bin libgdal-dev; a cluster: load the modules)"
+done
 GDAL_VERSION=$(gdal-config --version)
 
 # ---------------------------------------------------------------- virtualenv
