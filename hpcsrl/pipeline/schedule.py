@@ -20,9 +20,10 @@ backward returns along the same chain (each rank remembers its upstream rank). F
 (Fig. 4a): chain c is replica c of every stage, routing goes to the chain neighbour and chain c
 gets every C-th mini-batch id of each window.
 
-Mini-batch ids are issued in increasing order (per chain with fixed chains), to stage-0 replicas only, windows of K at a time.
-When a window's ids are all issued and every rank is free, all ranks get AGGREGATE (average the
-replicas of each stage, checkpoint), or STOP after the last window.
+Mini-batch ids are issued in increasing order (per chain with fixed chains), to stage-0 replicas
+only, windows of K at a time. When a window's ids are all issued and every rank is free, all
+ranks get AGGREGATE (average the replicas of each stage, checkpoint), or STOP after the last
+window.
 
 Invariants (tested in tests/test_pipeline_schedule.py by simulation):
   1. A rank holds at most one mini-batch: it gets WORK only while free and is free again only

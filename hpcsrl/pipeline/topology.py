@@ -37,7 +37,8 @@ class Layout:
 
     def rank_of(self, stage: int, replica: int) -> int:
         if not 0 <= replica < self.replicas[stage]:
-            raise ValueError(f"stage {stage} has {self.replicas[stage]} replicas, not {replica + 1}")
+            raise ValueError(f"stage {stage} has {self.replicas[stage]} replicas, "
+                             f"not {replica + 1}")
         return self.first_rank(stage) + replica
 
     def ranks_of(self, stage: int) -> list[int]:
