@@ -12,14 +12,14 @@ import torch
 from sklearn import metrics as skm
 from torch import nn
 
-from hpcsrl.eval import metrics
-from hpcsrl.eval.protocol import EvalSpec, LabelledData, is_multilabel, run_protocol
-from hpcsrl.eval.report import read_csv
-from hpcsrl.eval.splits import (
+from hpcsrl.data.splits import (
     nested_label_fractions,
     stratified_subsample,
     stratified_test_split,
 )
+from hpcsrl.eval import metrics
+from hpcsrl.eval.protocol import EvalSpec, LabelledData, is_multilabel, run_protocol
+from hpcsrl.eval.report import read_csv
 from hpcsrl.eval.train import FitConfig, fine_tune, fit_linear, predict
 from hpcsrl.features.extract import (
     EncoderChanged,
@@ -210,7 +210,7 @@ def test_input_size_resizes_recalibrates_on_the_pool_only_and_keeps_the_callers_
         seen.extend(int(i) for i in np.asarray(idx))
         return x[np.asarray(idx)]
 
-    spec = EvalSpec(modes=("freeze",), fractions=(0.5,), tsne=False, input_size=16,
+    spec = EvalSpec(modes=("freeze",), fractions=(0.5,), tsne=False, input_sizes=(16,),
                     bn_samples=20, fit=FAST)
     rows = run_protocol(LabelledData(reader, y, ["a", "b", "c"]), {"tiny": enc}, spec, tmp_path)
     assert [r["encoder"] for r in rows] == ["tiny", "channel-stats"]
@@ -218,9 +218,9 @@ def test_input_size_resizes_recalibrates_on_the_pool_only_and_keeps_the_callers_
         assert torch.equal(t, snapshot[name]), name
     assert enc.sizes == set()  # only its resized copy ran ...
     import json
-    split = json.loads((tmp_path / "split.json").read_text())
-    calibration = seen[:20]  # ... and its BN statistics came from 20 pool patches, no test ones
-    assert not set(calibration) & set(split["test"])
+    parts = json.loads((tmp_path / "parts.json").read_text())
+    calibration = seen[:20]  # ... its BN statistics came from 20 pool patches, none scored
+    assert not set(calibration) & (set(parts["test"]) | set(parts["val"]))
     wrapped = run_protocol.__globals__["resized_encoders"](
         {"t": SizeRecorder()}, array_reader(x), np.arange(len(y)), 16, spec)["t"]
     wrapped.eval()(torch.from_numpy(x[:4]))

@@ -1,4 +1,8 @@
-"""`hpcsrl evaluate`: few-label freeze / fine-tune evaluation of a pre-trained encoder + floors."""
+"""`hpcsrl evaluate`: few-label freeze / fine-tune evaluation of a pre-trained encoder + floors.
+
+Validation and test side by side: candidate settings (input size, probe weight decay and epochs)
+are compared on the validation part of the split, the test part is scored for the chosen one.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from hpcsrl.cli.pretrain import add_split_arguments, split_options
 from hpcsrl.errors import UserError
 from hpcsrl.log import get_logger
 
@@ -23,12 +28,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mode", choices=("freeze", "finetune", "both"), default="both",
                    help="freeze: linear classifier on the frozen encoder; finetune: whole network")
     p.add_argument("--label-fractions", default="0.1,0.2,0.5",
-                   help="comma-separated fractions of the non-test samples used as labels "
-                   "(default 0.1,0.2,0.5; nested)")
-    p.add_argument("--test-fraction", type=float, default=0.2,
-                   help="held-out stratified test set (default 0.2)")
-    p.add_argument("--epochs", type=int, default=PAPER_EPOCHS,
-                   help="classifier training epochs (default 200, the paper's)")
+                   help="comma-separated fractions of the pool's labelled patches used as "
+                   "labels (default 0.1,0.2,0.5; nested)")
+    p.add_argument("--epochs", default=str(PAPER_EPOCHS), metavar="E[,E...]",
+                   help="linear-probe epochs; a list is chosen from on validation "
+                   "(default 200, the paper's)")
     p.add_argument("--finetune-epochs", type=int, default=None,
                    help="epochs of the (much slower) fine-tune runs; default: --epochs")
     p.add_argument("--batch-size", type=int, default=64, help="(default 64, the paper's)")
@@ -36,17 +40,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="Adam learning rate of the linear head (default 1e-3)")
     p.add_argument("--encoder-lr", type=float, default=1e-4,
                    help="Adam learning rate of the encoder when fine-tuning (default 1e-4)")
-    p.add_argument("--weight-decay", type=float, default=0.0, help="Adam weight decay (default 0)")
+    p.add_argument("--weight-decay", default="0", metavar="WD[,WD...]",
+                   help="Adam weight decay of the linear probe; a list is chosen from on "
+                   "validation (fine-tuning uses the first; default 0)")
     p.add_argument("--no-augment", action="store_true",
                    help="no flips/rotations while fine-tuning")
-    p.add_argument("--seed", type=int, default=0, help="split, initialisation and shuffling seed")
+    p.add_argument("--seed", type=int, default=0, help="initialisation and shuffling seed")
     p.add_argument("--max-samples", type=int, default=None,
-                   help="evaluate on a stratified subsample of this many labelled patches")
-    p.add_argument("--input-size", type=int, default=None, metavar="PX",
+                   help="evaluate on a stratified subsample of this many labelled patches "
+                   "(each part of the split cut in proportion)")
+    p.add_argument("--input-size", default=None, metavar="PX[,PX...]",
                    help="resize patches to PX x PX (bilinear) before every encoder; their "
                    "BatchNorm statistics are re-estimated at that size on --bn-samples "
-                   "unlabelled training-pool patches (default: the patch size, no resizing). "
-                   "The paper feeds EuroSAT's 64-px chips at 224 px")
+                   "unlabelled pool patches (default: the patch size, no resizing); a list "
+                   "(0 = the patch size) is chosen from on validation. The paper feeds "
+                   "EuroSAT's 64-px chips at 224 px")
     p.add_argument("--bn-samples", type=int, default=2048,
                    help="patches for the BatchNorm statistics with --input-size (default 2048)")
     p.add_argument("--random-init", action="store_true",
@@ -64,6 +72,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="torch compute threads (1 when several jobs share the machine)")
     p.add_argument("--out", required=True, help="output folder for report.csv and plots")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_split_arguments(p)
 
 
 def parse_fractions(text: str) -> tuple[float, ...]:
@@ -74,6 +83,54 @@ def parse_fractions(text: str) -> tuple[float, ...]:
     if not values or any(not 0 < v <= 1 for v in values):
         raise UserError(f"--label-fractions {text!r}: every value must be in (0, 1]")
     return tuple(sorted(set(values)))
+
+
+def parse_list(text: str, option: str, kind: type, low: float) -> tuple:
+    """'a,b,c' -> typed candidates, each >= low, duplicates dropped, order kept."""
+    try:
+        values = tuple(dict.fromkeys(kind(v) for v in str(text).split(",") if v.strip()))
+    except ValueError:
+        raise UserError(f"{option} {text!r}: expected {kind.__name__}s separated by commas"
+                        ) from None
+    if not values or any(v < low for v in values):
+        raise UserError(f"{option} {text!r}: every value must be >= {low:g}")
+    return values
+
+
+def input_sizes(text: str | None) -> tuple[int | None, ...]:
+    if text is None:
+        return (None,)
+    sizes = parse_list(text, "--input-size", int, 0)
+    if any(0 < s < 8 for s in sizes):
+        raise UserError(f"--input-size {text!r}: sizes must be >= 8 pixels (0: the patch size)")
+    return tuple(None if s == 0 else s for s in sizes)
+
+
+def resolve_eval_split(args: argparse.Namespace, ckpt: dict, log):
+    """The split to evaluate on: --split, else the one the checkpoint was pre-trained with,
+    else OUT/split.json (drawn when absent). A checkpoint pre-trained on the pool of another
+    split is refused: that pool overlaps this test part."""
+    from hpcsrl.data.splits import Layout, resolve_split
+
+    trained = (ckpt.get("data") or {}).get("split") if ckpt else None
+    path = args.split
+    if path is None and trained and trained.get("path") and Path(trained["path"]).is_file():
+        path = trained["path"]
+    split = resolve_split(path or Path(args.out) / "split.json", Layout.read(args.data),
+                          split_options(args))
+    if ckpt and trained is None:
+        log.warning("WARNING: %s records no split: it was pre-trained on every patch of its "
+                    "file, test patches included", args.checkpoint)
+    elif trained and trained.get("pretrain_on") == "all":
+        log.warning("WARNING: %s was pre-trained on all patches (--pretrain-on all): the test "
+                    "part's images (not labels) were seen in pre-training", args.checkpoint)
+    elif trained and trained.get("digest") != split.digest():
+        raise UserError(f"{args.checkpoint} was pre-trained on the pool of split "
+                        f"{trained.get('path')} (digest {trained.get('digest')}), not of "
+                        f"{split.path} (digest {split.digest()}): its pool overlaps this test "
+                        "part; pass --split with the checkpoint's split")
+    return split, ("every patch (checkpoint without split)" if ckpt and trained is None
+                   else (trained or {}).get("pretrain_on", "-"))
 
 
 def _load_checkpoint(args: argparse.Namespace):
@@ -128,13 +185,14 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--checkpoint DIR/checkpoint.pt is required (or use --random-init)")
     if not args.random_init and not Path(args.checkpoint).is_file():
         raise UserError(f"--checkpoint {args.checkpoint}: no such file")
-    for opt in ("epochs", "batch_size", "threads", "tsne_points"):
+    epochs = parse_list(args.epochs, "--epochs", int, 1)
+    decays = parse_list(args.weight_decay, "--weight-decay", float, 0.0)
+    sizes = input_sizes(args.input_size)
+    for opt in ("batch_size", "threads", "tsne_points"):
         if getattr(args, opt) < 1:
             raise UserError(f"--{opt.replace('_', '-')} must be >= 1")
     if args.finetune_epochs is not None and args.finetune_epochs < 1:
         raise UserError("--finetune-epochs must be >= 1")
-    if args.input_size is not None and args.input_size < 8:
-        raise UserError("--input-size must be >= 8 pixels")
     if args.bn_samples < 0:
         raise UserError("--bn-samples must be >= 0")
     if args.max_samples is not None and args.max_samples < 2:
@@ -154,11 +212,13 @@ def run(args: argparse.Namespace) -> int:
     if not bands:
         raise UserError("--bands is required (rgb, s2-10m, s2, s1 or s1s2)")
     ds = PatchDataset(args.data, bands=bands)
-    if not ds.has_labels:
+    if not ds.has_labels and (ds.multi_hot is None or not ds.multi_hot.any()):
         raise UserError(f"{args.data}: the file has no labels (dataset 'label' is absent or all "
                         "-1); evaluation needs a labelled patch file")
     labels = np.asarray(ds.labels, dtype=np.int64)
     names = list(ds.class_names) or [f"class_{i}" for i in range(int(labels.max()) + 1)]
+    if ds.multi_hot is not None and not names:
+        names = [f"class_{i}" for i in range(ds.multi_hot.shape[1])]
     if labels.max() >= len(names):
         raise UserError(f"{args.data}: label {labels.max()} but only {len(names)} class_names")
     if model is not None:
@@ -166,27 +226,30 @@ def run(args: argparse.Namespace) -> int:
     encoders = _encoders(args, model, ckpt, ds.channels, log)
 
     modes = ("freeze", "finetune") if args.mode == "both" else (args.mode,)
-    fit = FitConfig(epochs=args.epochs, finetune_epochs=args.finetune_epochs,
+    fit = FitConfig(epochs=max(epochs), finetune_epochs=args.finetune_epochs,
                     batch_size=args.batch_size, lr=args.lr,
-                    encoder_lr=args.encoder_lr, weight_decay=args.weight_decay, seed=args.seed,
+                    encoder_lr=args.encoder_lr, weight_decay=decays[0], seed=args.seed,
                     augment=not args.no_augment, progress=not args.quiet)
-    spec = EvalSpec(modes=modes, fractions=fractions, test_fraction=args.test_fraction,
-                    seed=args.seed, max_samples=args.max_samples,
-                    knn_floor=not args.no_knn_floor, tsne=not args.no_tsne,
-                    tsne_points=args.tsne_points, input_size=args.input_size,
+    spec = EvalSpec(modes=modes, fractions=fractions, seed=args.seed,
+                    max_samples=args.max_samples, knn_floor=not args.no_knn_floor,
+                    tsne=not args.no_tsne, tsne_points=args.tsne_points, input_sizes=sizes,
+                    probe_weight_decays=decays, probe_epochs=epochs,
                     bn_samples=args.bn_samples, fit=fit)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    split, pretrained_on = resolve_eval_split(args, ckpt, log)
     multi = ds.multi_hot if is_multilabel(ds.multi_hot) else None
     config = {k: v for k, v in vars(args).items() if not k.startswith("_")}
     write_json(out / "eval_config.json", {**config, "bands": ds.bands,
-                                          "class_names": names, "multilabel": multi is not None})
+                                          "class_names": names, "multilabel": multi is not None,
+                                          "split": split.record(),
+                                          "checkpoint_pretrained_on": pretrained_on})
     log.info("%s: %d labelled patches, %d classes, bands %s; modes %s; fractions %s",
              args.data, int((labels >= 0).sum()), len(names), ds.bands, ",".join(modes),
              ",".join(f"{f:g}" for f in fractions))
     t0 = time.perf_counter()
     data = LabelledData(lambda idx: ds.read_batch(idx)[0], labels, names, multi)
-    rows = run_protocol(data, encoders, spec, out, log)
+    rows = run_protocol(data, encoders, spec, out, log, split=split)
     print(format_table(rows))
     log.info("report: %s (%.0f s)", out / "report.csv", time.perf_counter() - t0)
     return 0

@@ -1,17 +1,21 @@
 """The few-label protocol end to end: split, features, freeze / fine-tune / k-NN floor, report.
 
-Works on a plain `read(indices) -> (n, C, P, P)` function and label arrays, so it is independent of
-the HDF5 dataset class and of the model registry (the CLI and the benchmark wire those in).
+Three disjoint parts (`hpcsrl.data.splits`): every head is trained on a labelled subset of the
+pool, every choice (input size, probe weight decay and epochs, k of the k-NN floor) is made on
+the validation part, and the test part is scored once, for the chosen setting only. Works on a
+plain `read(indices) -> (n, C, P, P)` function and label arrays, so it is independent of the HDF5
+dataset class and of the model registry (the CLI and the benchmarks wire those in).
 """
 
 from __future__ import annotations
 
 import copy
+import itertools
 import logging
 import re
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -19,11 +23,23 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from hpcsrl.data.splits import (
+    Layout,
+    Split,
+    SplitSpec,
+    make_split,
+    nested_label_fractions,
+    stratified_subsample,
+)
 from hpcsrl.eval import metrics
 from hpcsrl.eval.plots import plot_confusion, plot_tsne, tsne_embed
-from hpcsrl.eval.report import REPORT_COLUMNS, write_confusion_csv, write_csv
-from hpcsrl.eval.splits import nested_label_fractions, stratified_subsample, stratified_test_split
-from hpcsrl.eval.train import FitConfig, fine_tune, fit_linear, predict
+from hpcsrl.eval.report import (
+    REPORT_COLUMNS,
+    SELECTION_COLUMNS,
+    write_confusion_csv,
+    write_csv,
+)
+from hpcsrl.eval.train import FitConfig, Head, fine_tune, fit_linear, predict
 from hpcsrl.features.extract import (
     BatchReader,
     as_tensor,
@@ -46,7 +62,7 @@ class LabelledData:
     """What the protocol needs from a dataset."""
 
     read: BatchReader
-    labels: np.ndarray                      # (N,) int, -1 = unknown (excluded)
+    labels: np.ndarray                      # (N,) int, -1 = unknown or several labels
     class_names: list[str]
     multi_hot: np.ndarray | None = None     # (N, K) 0/1, only when samples carry several labels
 
@@ -55,15 +71,19 @@ class LabelledData:
 class EvalSpec:
     modes: tuple[str, ...] = MODES
     fractions: tuple[float, ...] = (0.1, 0.2, 0.5)
-    test_fraction: float = 0.2
+    test_fraction: float = 0.2              # only used when no split is given
+    val_fraction: float = 0.1               # only used when no split is given
     seed: int = 0
-    max_samples: int | None = None          # stratified subsample of the labelled set first
+    max_samples: int | None = None          # stratified subsample of every part first
     knn_floor: bool = True
+    knn_ks: tuple[int, ...] = (5, 10, 20)   # k of the floor, chosen on validation
     tsne: bool = True
     tsne_points: int = 2000
     feature_batch: int = 256
-    input_size: int | None = None           # resize patches to this side before every encoder
-    bn_samples: int = 2048                  # pool patches for BN statistics at input_size
+    input_sizes: tuple[int | None, ...] = (None,)   # candidates (None: the patch size)
+    probe_weight_decays: tuple[float, ...] = (0.0,)  # linear-probe candidates
+    probe_epochs: tuple[int, ...] = ()      # linear-probe candidates (empty: fit.epochs)
+    bn_samples: int = 2048                  # pool patches for BN statistics at an input size
     fit: FitConfig = field(default_factory=FitConfig)
 
 
@@ -89,8 +109,8 @@ class ResizedInput(nn.Module):
 def resized_encoders(encoders: Mapping[str, nn.Module], read: BatchReader, pool: np.ndarray,
                      size: int, spec: EvalSpec) -> dict[str, nn.Module]:
     """Copies of `encoders` behind `ResizedInput(size)`, BatchNorm statistics re-estimated at
-    that size on `spec.bn_samples` clean patches of the training pool (never the test set, no
-    labels).
+    that size on `spec.bn_samples` clean patches of the training pool (never the validation or
+    test part, no labels).
 
     Running statistics gathered at another input size describe other activations; without this
     the frozen features at the new size are skewed (EuroSAT, 32-px pre-training: OA at 128 px
@@ -121,24 +141,95 @@ def run_name(encoder: str, mode: str, fraction: float) -> str:
     return f"{slug(encoder)}_{mode}_{round(fraction * 100, 3):g}pct"
 
 
+def size_label(size: int | None) -> str:
+    return "native" if size is None else f"{size}px"
+
+
+@dataclass
+class Parts:
+    """Sample indices the protocol uses: the labelled subsets and the scored parts."""
+
+    train: dict[float, np.ndarray]
+    val: np.ndarray                 # validation samples with some label
+    test: np.ndarray                # test samples with some label
+    pool: np.ndarray                # for BatchNorm statistics (no labels used)
+
+
+def protocol_parts(data: LabelledData, spec: EvalSpec, split: Split | None) -> tuple[Parts, Split]:
+    """The split (drawn per sample from the labels when none is given), cut to `max_samples`."""
+    if split is None:
+        split = make_split(Layout.from_arrays(data.labels, data.multi_hot),
+                           SplitSpec(seed=spec.seed, test_fraction=spec.test_fraction,
+                                     val_fraction=spec.val_fraction))
+    keys = split.strata
+    if len(keys) != len(data.labels):
+        raise ValueError(f"split of {len(keys)} patches for data of {len(data.labels)}")
+    test, val, pool = split.test, split.val, split.pool
+    if spec.max_samples:
+        keep = stratified_subsample(keys, spec.max_samples, split.spec.seed)
+        test, val = np.intersect1d(test, keep), np.intersect1d(val, keep)
+        pool = np.intersect1d(pool, np.union1d(keep, np.flatnonzero(keys < 0)))
+    train = nested_label_fractions(keys, pool, list(spec.fractions), split.spec.seed)
+    labelled = keys >= 0
+    return Parts(train, val[labelled[val]], test[labelled[test]], pool), split
+
+
+class _Scorer:
+    """Metrics of predictions on one part (single-label over samples with one label, multi-label
+    micro/macro F1 over every sample with any label)."""
+
+    def __init__(self, data: LabelledData, idx: np.ndarray, multilabel: bool) -> None:
+        self.data, self.idx = data, idx
+        self.single = data.labels[idx] >= 0
+        self.multi = (np.asarray(data.multi_hot)[idx].any(axis=1) if multilabel
+                      else np.zeros(len(idx), bool))
+        self.multilabel = multilabel
+
+    def __call__(self, pred: np.ndarray, ml_pred: np.ndarray | None) -> dict:
+        k = len(self.data.class_names)
+        rep = metrics.classification_report(self.data.labels[self.idx][self.single],
+                                            np.asarray(pred)[self.single], k)
+        out = {"oa": rep["oa"], "kappa": rep["kappa"], "macro_f1": rep["macro_f1"], "_rep": rep,
+               "n": int(self.single.sum())}
+        if self.multilabel and ml_pred is not None:
+            out.update(metrics.multilabel_f1(np.asarray(self.data.multi_hot)[self.idx][self.multi],
+                                             np.asarray(ml_pred)[self.multi]))
+            out["n"] = int(self.multi.sum())
+        return out
+
+    def key(self, scores: dict) -> float:
+        """What selection maximises: multi-label micro F1 on multi-label data, else OA."""
+        return scores.get("ml_f1_micro", scores["oa"]) if self.multilabel else scores["oa"]
+
+
 class _Recorder:
     """Collects report rows and writes each run's confusion CSV/PNG as soon as it finishes."""
 
-    def __init__(self, data: LabelledData, test: np.ndarray, out: Path,
-                 log: logging.Logger) -> None:
-        self.data, self.test, self.out, self.log = data, test, out, log
+    def __init__(self, data: LabelledData, out: Path, log: logging.Logger) -> None:
+        self.data, self.out, self.log = data, out, log
         self.rows: list[dict] = []
         self.per_class: list[dict] = []
+        self.selection: list[dict] = []
+
+    def candidate(self, encoder: str, mode: str, fraction: float, setting: str, val: dict,
+                  seconds: float) -> None:
+        self.selection.append({"encoder": encoder, "mode": mode, "fraction": fraction,
+                               "setting": setting, "val_oa": val["oa"],
+                               "val_macro_f1": val["macro_f1"],
+                               "val_ml_f1_micro": val.get("ml_f1_micro"),
+                               "seconds": round(seconds, 2)})
 
     def add(self, encoder: str, mode: str, fraction: float, n_train: int, seconds: float,
-            pred: np.ndarray, ml_pred: np.ndarray | None = None) -> dict:
+            setting: str, n_candidates: int, val: dict, test: dict) -> dict:
         names = self.data.class_names
-        rep = metrics.classification_report(self.data.labels[self.test], pred, len(names))
-        row = {"encoder": encoder, "mode": mode, "fraction": fraction, "oa": rep["oa"],
-               "kappa": rep["kappa"], "macro_f1": rep["macro_f1"], "n_train": n_train,
-               "n_test": len(self.test), "seconds": round(seconds, 2)}
-        if ml_pred is not None and self.data.multi_hot is not None:
-            row.update(metrics.multilabel_f1(self.data.multi_hot[self.test], ml_pred))
+        rep = test["_rep"]
+        row = {"encoder": encoder, "mode": mode, "fraction": fraction, "selected": setting,
+               "candidates": n_candidates, "oa": test["oa"], "kappa": test["kappa"],
+               "macro_f1": test["macro_f1"], "ml_f1_micro": test.get("ml_f1_micro"),
+               "ml_f1_macro": test.get("ml_f1_macro"), "val_oa": val["oa"],
+               "val_macro_f1": val["macro_f1"], "val_ml_f1_micro": val.get("ml_f1_micro"),
+               "n_train": n_train, "n_val": val["n"], "n_test": test["n"],
+               "seconds": round(seconds, 2)}
         self.rows.append(row)
         pc = rep["per_class"]
         for c, name in enumerate(names):
@@ -149,28 +240,36 @@ class _Recorder:
         base = self.out / f"confusion_{run_name(encoder, mode, fraction)}"
         write_confusion_csv(base.with_suffix(".csv"), rep["confusion"], names)
         plot_confusion(rep["confusion"], names,
-                       f"{encoder} {mode} {fraction:.0%} labels: OA {rep['oa']:.3f}",
+                       f"{encoder} {mode} {fraction:.0%} labels: test OA {rep['oa']:.3f}",
                        base.with_suffix(".png"))
-        self.log.info("%-14s %-8s %4.0f%%  OA %.4f  kappa %.4f  macro-F1 %.4f  (%d train, %.1f s)",
-                      encoder, mode, fraction * 100, rep["oa"], rep["kappa"], rep["macro_f1"],
-                      n_train, seconds)
+        self.log.info("%-14s %-8s %4.0f%%  val OA %.4f  test OA %.4f  kappa %.4f  macro-F1 %.4f"
+                      "  [%s]  (%d train, %.1f s)", encoder, mode, fraction * 100, val["oa"],
+                      test["oa"], test["kappa"], test["macro_f1"], setting, n_train, seconds)
         return row
 
 
 def _tsne(feats: np.ndarray, labels: np.ndarray, names: list[str], title: str, path: Path,
           spec: EvalSpec) -> None:
-    xy, lab = tsne_embed(feats, labels, spec.tsne_points, spec.seed)
+    keep = labels >= 0
+    xy, lab = tsne_embed(feats[keep], labels[keep], spec.tsne_points, spec.seed)
     plot_tsne(xy, lab, names, title, path)
 
 
+def _best(candidates: list[tuple[float, int]]) -> int:
+    """Index of the highest validation score; ties: the earliest candidate (grid order)."""
+    return max(range(len(candidates)), key=lambda i: (candidates[i][0], -i))
+
+
 def run_protocol(data: LabelledData, encoders: Mapping[str, nn.Module], spec: EvalSpec,
-                 out_dir: str | Path, log: logging.Logger | None = None) -> list[dict]:
+                 out_dir: str | Path, log: logging.Logger | None = None,
+                 split: Split | None = None) -> list[dict]:
     """Evaluate every encoder in every mode at every label fraction (+ the k-NN floor).
 
-    Writes into `out_dir`: report.csv, per_class.csv, split.json, confusion_*.csv/png and
-    tsne_*.png. Freeze runs never touch the encoder (checked by digest); fine-tune runs work on
-    deep copies, so the caller's encoders are unchanged afterwards either way. With
-    `spec.input_size` every encoder is evaluated as a resized copy (see `resized_encoders`).
+    Writes into `out_dir`: report.csv (one row per encoder x mode x fraction: the setting chosen
+    on validation, its validation figures and the test figures), selection.csv (every candidate's
+    validation figures), per_class.csv, parts.json, confusion_*.csv/png and tsne_*.png. Freeze
+    runs never touch the encoder (checked by digest); fine-tune runs work on deep copies, so the
+    caller's encoders are unchanged afterwards either way.
     """
     log = log or logging.getLogger("hpcsrl.eval")
     out = Path(out_dir)
@@ -182,77 +281,131 @@ def run_protocol(data: LabelledData, encoders: Mapping[str, nn.Module], spec: Ev
     k = len(data.class_names)
     if labels.max(initial=-1) >= k:
         raise ValueError(f"labels reach {labels.max()} but only {k} class names are given")
-
-    candidates = labels.copy()
-    if spec.max_samples:
-        keep = stratified_subsample(labels, spec.max_samples, spec.seed)
-        candidates = np.full_like(labels, -1)
-        candidates[keep] = labels[keep]
-    pool, test = stratified_test_split(candidates, spec.test_fraction, spec.seed)
-    subsets = nested_label_fractions(candidates, pool, list(spec.fractions), spec.seed)
-    write_json(out / "split.json", {
-        "seed": spec.seed, "test_fraction": spec.test_fraction, "n_pool": int(len(pool)),
-        "test": test.tolist(), "train": {f"{f:g}": idx.tolist() for f, idx in subsets.items()}})
-    if spec.input_size:
-        encoders = resized_encoders(encoders, data.read, pool, spec.input_size, spec)
-        log.info("encoders fed %d-px patches; BatchNorm statistics from %d pool patches",
-                 spec.input_size, min(spec.bn_samples, len(pool)))
-    used = np.union1d(test, np.unique(np.concatenate(list(subsets.values()))))
+    ml = data.multi_hot if is_multilabel(data.multi_hot) else None
+    data = LabelledData(data.read, labels, data.class_names, ml)
+    parts, split = protocol_parts(data, spec, split)
+    write_json(out / "parts.json", {
+        "split": split.record(), "max_samples": spec.max_samples,
+        "val": parts.val.tolist(), "test": parts.test.tolist(),
+        "train": {f"{f:g}": idx.tolist() for f, idx in parts.train.items()}})
+    log.info("split %s (%s): %d validation, %d test, %d pool patches; labelled %s", split.path
+             or "(per sample)", split.grouping, len(parts.val), len(parts.test), len(parts.pool),
+             ", ".join(f"{f:g}: {len(i)}" for f, i in parts.train.items()))
+    val_score = _Scorer(data, parts.val, ml is not None)
+    test_score = _Scorer(data, parts.test, ml is not None)
+    rec = _Recorder(data, out, log)
+    used = np.unique(np.concatenate([parts.val, parts.test, *parts.train.values()]))
     pos = {int(i): p for p, i in enumerate(used)}          # sample index -> row in feature arrays
 
     def rows_of(idx: np.ndarray) -> np.ndarray:
         return np.fromiter((pos[int(i)] for i in idx), dtype=np.int64, count=len(idx))
 
-    test_rows = rows_of(test)
-    ml = data.multi_hot if is_multilabel(data.multi_hot) else None
-    rec = _Recorder(LabelledData(data.read, labels, data.class_names, ml), test, out, log)
-
+    val_rows, test_rows = rows_of(parts.val), rows_of(parts.test)
     digests = {name: state_digest(enc) for name, enc in encoders.items()}
-    t0 = time.perf_counter()
-    feats = extract(encoders, data.read, used, spec.feature_batch, with_stats=spec.knn_floor,
-                    progress=spec.fit.progress)
-    log.info("features of %d samples from %d encoder(s) in %.1f s", len(used), len(encoders),
-             time.perf_counter() - t0)
-    for name, enc in encoders.items():
-        verify_unchanged(enc, digests[name], f"encoder {name!r} (feature extraction)")
+    sized: dict[int | None, Mapping[str, nn.Module]] = {}
+    sized_digests: dict[int | None, dict[str, str]] = {}
+    feats: dict[int | None, dict[str, np.ndarray]] = {}
+    for size in spec.input_sizes:
+        sized[size] = encoders if size is None else resized_encoders(
+            encoders, data.read, parts.pool, size, spec)
+        sized_digests[size] = {name: state_digest(e) for name, e in sized[size].items()}
+        t0 = time.perf_counter()
+        feats[size] = extract(sized[size], data.read, used, spec.feature_batch,
+                              with_stats=spec.knn_floor and "channel_stats" not in
+                              next(iter(feats.values()), {}), progress=spec.fit.progress)
+        log.info("features of %d samples from %d encoder(s) at %s in %.1f s", len(used),
+                 len(encoders), size_label(size), time.perf_counter() - t0)
+        for name, enc in sized[size].items():
+            verify_unchanged(enc, sized_digests[size][name], f"encoder {name!r} (features)")
+    first = spec.input_sizes[0]
+    epochs_grid = spec.probe_epochs or (spec.fit.epochs,)
 
     for name, enc in encoders.items():
         if spec.tsne:
-            _tsne(feats[name][test_rows], labels[test], data.class_names,
+            _tsne(feats[first][name][test_rows], labels[parts.test], data.class_names,
                   f"t-SNE of frozen {name} features (test set)", out / f"tsne_{slug(name)}.png",
                   spec)
         if "freeze" in spec.modes:
-            for f, idx in subsets.items():
+            grid = list(itertools.product(spec.input_sizes, spec.probe_weight_decays,
+                                          epochs_grid))
+            for f, idx in parts.train.items():
                 t = time.perf_counter()
-                head = fit_linear(feats[name][rows_of(idx)], labels[idx], k, spec.fit,
-                                  None if ml is None else ml[idx])
-                pred, ml_pred = predict(head, feats[name][test_rows])
-                rec.add(name, "freeze", f, len(idx), time.perf_counter() - t, pred, ml_pred)
-            verify_unchanged(enc, digests[name], f"encoder {name!r}")
+                tried: list[tuple[float, int]] = []
+                heads: list[Head] = []
+                for size, wd, ep in grid:
+                    tc = time.perf_counter()
+                    cfg = replace(spec.fit, weight_decay=wd, epochs=ep)
+                    head = fit_linear(feats[size][name][rows_of(idx)], labels[idx], k, cfg,
+                                      None if ml is None else ml[idx])
+                    v = val_score(*predict(head, feats[size][name][val_rows]))
+                    setting = _setting(size, wd, ep)
+                    rec.candidate(name, "freeze", f, setting, v, time.perf_counter() - tc)
+                    tried.append((val_score.key(v), len(tried)))
+                    heads.append(head)
+                b = _best(tried)
+                size, wd, ep = grid[b]
+                v = val_score(*predict(heads[b], feats[size][name][val_rows]))
+                test = test_score(*predict(heads[b], feats[size][name][test_rows]))
+                rec.add(name, "freeze", f, len(idx), time.perf_counter() - t,
+                        _setting(size, wd, ep), len(grid), v, test)
+            for size in spec.input_sizes:
+                verify_unchanged(sized[size][name], sized_digests[size][name],
+                                 f"encoder {name!r}")
         if "finetune" in spec.modes:
-            for f, idx in subsets.items():
+            for f, idx in parts.train.items():
                 t = time.perf_counter()
-                tuned = copy.deepcopy(enc)
-                head = fine_tune(tuned, feats[name].shape[1], data.read, idx, labels, k,
-                                 spec.fit, ml, init_feats=feats[name][rows_of(idx)])
-                test_feats = extract({name: tuned}, data.read, test, spec.feature_batch,
+                best: tuple[float, int | None, nn.Module, Head, dict] | None = None
+                for size in spec.input_sizes:
+                    tc = time.perf_counter()
+                    tuned = copy.deepcopy(sized[size][name])
+                    head = fine_tune(tuned, feats[size][name].shape[1], data.read, idx, labels,
+                                     k, spec.fit, ml, init_feats=feats[size][name][rows_of(idx)])
+                    vf = extract({name: tuned}, data.read, parts.val, spec.feature_batch,
+                                 with_stats=False, progress=spec.fit.progress)[name]
+                    v = val_score(*predict(head, vf))
+                    rec.candidate(name, "finetune", f, size_label(size), v,
+                                  time.perf_counter() - tc)
+                    if best is None or val_score.key(v) > best[0]:
+                        best = (val_score.key(v), size, tuned, head, v)
+                _, size, tuned, head, v = best
+                test_feats = extract({name: tuned}, data.read, parts.test, spec.feature_batch,
                                      with_stats=False, progress=spec.fit.progress)[name]
-                pred, ml_pred = predict(head, test_feats)
-                rec.add(name, "finetune", f, len(idx), time.perf_counter() - t, pred, ml_pred)
-                if spec.tsne and f == max(subsets):
-                    _tsne(test_feats, labels[test], data.class_names,
+                test = test_score(*predict(head, test_feats))
+                rec.add(name, "finetune", f, len(idx), time.perf_counter() - t,
+                        size_label(size), len(spec.input_sizes), v, test)
+                if spec.tsne and f == max(parts.train):
+                    _tsne(test_feats, labels[parts.test], data.class_names,
                           f"t-SNE of fine-tuned {name} features ({f:.0%} labels, test set)",
                           out / f"tsne_{slug(name)}_finetuned.png", spec)
             verify_unchanged(enc, digests[name], f"encoder {name!r} (fine-tune copies)")
     if spec.knn_floor:
-        stats = feats["channel_stats"]
-        for f, idx in subsets.items():
+        stats = feats[first]["channel_stats"]
+        for f, idx in parts.train.items():
             t = time.perf_counter()
-            pred = knn_predict(stats[rows_of(idx)], labels[idx], stats[test_rows])
-            ml_pred = None if ml is None else knn_predict(stats[rows_of(idx)], ml[idx],
-                                                          stats[test_rows])
-            rec.add(KNN_NAME, "knn", f, len(idx), time.perf_counter() - t, pred, ml_pred)
+            tr = rows_of(idx)
+
+            def knn(rows: np.ndarray, kk: int, tr: np.ndarray = tr, idx: np.ndarray = idx
+                    ) -> tuple[np.ndarray, np.ndarray | None]:
+                pred = knn_predict(stats[tr], labels[idx], stats[rows], kk)
+                return pred, (None if ml is None else knn_predict(stats[tr], ml[idx],
+                                                                  stats[rows], kk))
+
+            tried = []
+            for kk in spec.knn_ks:
+                tc = time.perf_counter()
+                v = val_score(*knn(val_rows, kk))
+                rec.candidate(KNN_NAME, "knn", f, f"k {kk}", v, time.perf_counter() - tc)
+                tried.append((val_score.key(v), len(tried)))
+            kk = spec.knn_ks[_best(tried)]
+            rec.add(KNN_NAME, "knn", f, len(idx), time.perf_counter() - t, f"k {kk}",
+                    len(spec.knn_ks), val_score(*knn(val_rows, kk)),
+                    test_score(*knn(test_rows, kk)))
 
     write_csv(out / "report.csv", rec.rows, REPORT_COLUMNS)
+    write_csv(out / "selection.csv", rec.selection, SELECTION_COLUMNS)
     write_csv(out / "per_class.csv", rec.per_class, PER_CLASS_COLUMNS)
     return rec.rows
+
+
+def _setting(size: int | None, weight_decay: float, epochs: int) -> str:
+    return f"{size_label(size)}, wd {weight_decay:g}, {epochs} ep"

@@ -1,9 +1,10 @@
 """Report files: the summary CSV (one row per encoder x mode x fraction), per-class scores,
 confusion matrices, and the table printed at the end of a run.
 
-`seconds` is the wall time of one run: for freeze the head's training and prediction on features
-extracted once beforehand (that shared pass is logged separately), for fine-tune the training and
-the test-set feature pass, for the k-NN floor its fit and prediction.
+`seconds` is the wall time of one row: for freeze the training and validation of every candidate
+head on features extracted once beforehand (that shared pass is logged separately), for
+fine-tune the training and the validation/test feature passes, for the k-NN floor every
+candidate k. `selected` is the setting chosen on validation (`val_*`) among `candidates`.
 """
 
 from __future__ import annotations
@@ -16,8 +17,12 @@ import numpy as np
 
 from hpcsrl.fileio import atomic_path
 
+# Test figures first, then the validation figures of the setting chosen on validation.
 REPORT_COLUMNS = ("encoder", "mode", "fraction", "oa", "kappa", "macro_f1", "ml_f1_micro",
-                  "ml_f1_macro", "n_train", "n_test", "seconds")
+                  "ml_f1_macro", "val_oa", "val_macro_f1", "val_ml_f1_micro", "selected",
+                  "candidates", "n_train", "n_val", "n_test", "seconds")
+SELECTION_COLUMNS = ("encoder", "mode", "fraction", "setting", "val_oa", "val_macro_f1",
+                     "val_ml_f1_micro", "seconds")
 
 
 def _fmt(value: object) -> str:

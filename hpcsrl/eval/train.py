@@ -61,7 +61,8 @@ class Head(nn.Module):
 def _loss(head_out: tuple[torch.Tensor, torch.Tensor | None], y: torch.Tensor,
           mh: torch.Tensor | None) -> torch.Tensor:
     logits, ml_logits = head_out
-    loss = F.cross_entropy(logits, y)
+    known = y >= 0  # multi-label-only samples (label -1) train the multi-label head alone
+    loss = F.cross_entropy(logits[known], y[known]) if bool(known.any()) else logits.sum() * 0
     if ml_logits is not None and mh is not None:
         loss = loss + F.binary_cross_entropy_with_logits(ml_logits, mh)
     return loss
