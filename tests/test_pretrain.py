@@ -368,7 +368,8 @@ def test_two_processes_on_one_folder_second_refuses(tmp_path):
         second = subprocess.run([*args, "--epochs", "50", "--resume"], capture_output=True,
                                 text=True, timeout=120)
         assert second.returncode == 2
-        assert f"PID {first.pid}" in second.stderr and len(second.stderr.strip().splitlines()) == 1
+        errors = [line for line in second.stderr.splitlines() if "error:" in line]
+        assert len(errors) == 1 and f"PID {first.pid}" in errors[0], second.stderr
     finally:
         first.kill()
         first.wait()

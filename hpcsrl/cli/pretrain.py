@@ -1,4 +1,8 @@
-"""`hpcsrl pretrain`: self-supervised pre-training of Lite-SRL or a baseline on a patch HDF5."""
+"""`hpcsrl pretrain`: self-supervised pre-training of Lite-SRL or a baseline on a patch HDF5.
+
+Started by a launcher with several ranks (`mpirun -np K`, `srun --mpi=pmix -n K`) it trains data
+parallel with Horovod (hpcsrl.parallel.horovod); one process trains as before.
+"""
 
 from __future__ import annotations
 
@@ -33,7 +37,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backbone", default="resnet18",
                    help=f"one of {', '.join(BACKBONE_NAMES)} (default resnet18)")
     p.add_argument("--epochs", type=int, default=10, help="passes over the data (default 10)")
-    p.add_argument("--batch-size", type=int, default=64, help="patches per step (default 64)")
+    p.add_argument("--batch-size", type=int, default=64,
+                   help="patches per step over all ranks: K ranks train on batch/K each "
+                   "(default 64)")
     p.add_argument("--input-size", type=int, default=64,
                    help="side of the augmented views in pixels (default 64); smaller views "
                    "train faster (32 on 64-px chips: ~3.5x per step) and --precise-bn adapts the "
@@ -42,7 +48,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true",
                    help="continue from OUT/checkpoint.pt (starts fresh when there is none)")
     p.add_argument("--lr", type=float, default=None,
-                   help="base learning rate (default 0.05 x batch / 256), cosine-decayed")
+                   help="peak learning rate (default 0.05 x batch / 256 = 0.05 x K x n / 256 for "
+                   "K ranks of n patches)")
     p.add_argument("--weight-decay", type=float, default=1e-4,
                    help="SGD weight decay (default 1e-4)")
     p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default 0.9)")
@@ -74,6 +81,48 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="pool (default): never read the test or validation patches of the split; "
                    "all: include them deliberately (recorded in the checkpoint)")
     add_split_arguments(p)
+    add_parallel_arguments(p, schedule="cosine")
+
+
+def add_parallel_arguments(p: argparse.ArgumentParser, schedule: str) -> None:
+    """The LR recipe and Horovod options shared by `hpcsrl pretrain` and `hpcsrl train`."""
+    g = p.add_argument_group(
+        "learning-rate recipe and data parallelism",
+        "Under a launcher with K > 1 ranks (mpirun -np K, srun --mpi=pmix -n K) training is data "
+        "parallel with Horovod: each rank takes batch/K patches of every step, gradients are "
+        "averaged, rank 0 writes. Then, unless set here: linear warm-up from lr/K, Nesterov.")
+    g.add_argument("--schedule", default=schedule, choices=("cosine", "step"),
+                   help=f"after the warm-up: cosine decay to 0, or x0.1 at --decay-epochs "
+                   f"(default {schedule})")
+    g.add_argument("--warmup-epochs", type=int, default=None,
+                   help="linear warm-up from lr/K to lr (default: 0 alone, else min(5, epochs/10))")
+    g.add_argument("--decay-epochs", default=None, metavar="E1,E2,...",
+                   help="--schedule step: epochs after which lr is x0.1 (default 30,60,80 %% of "
+                   "--epochs, as the seed's 30,60,80 of 100)")
+    g.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=None,
+                   help="Nesterov momentum (default: on with several ranks, off alone)")
+    g.add_argument("--batches-per-allreduce", type=int, default=1, metavar="N",
+                   help="split each rank's part of a step into N micro-batches whose gradients "
+                   "add up before one allreduce (fewer, larger messages; BatchNorm sees "
+                   "micro-batches; default 1)")
+    g.add_argument("--sync-bn", action="store_true",
+                   help="BatchNorm statistics over all ranks' batches (for small per-rank batches)")
+    g.add_argument("--fp16-allreduce", action="store_true",
+                   help="send gradients as float16 (half the bytes; rounding differs)")
+
+
+def parse_decay_epochs(text: str | None, epochs: int) -> list[int] | None:
+    """'30,60,80' -> [30, 60, 80]; each must lie in 1..epochs-1."""
+    if text is None:
+        return None
+    try:
+        marks = sorted({int(v) for v in text.split(",") if v.strip()})
+    except ValueError:
+        raise UserError(f"--decay-epochs {text!r}: expected comma-separated epochs, e.g. "
+                        "30,60,80") from None
+    if not marks or marks[0] < 1 or marks[-1] >= epochs:
+        raise UserError(f"--decay-epochs {text!r}: each epoch must lie in 1..{epochs - 1}")
+    return marks
 
 
 def parse_method_options(method: str, items: list[str]) -> dict[str, Any]:
@@ -103,6 +152,42 @@ def parse_method_options(method: str, items: list[str]) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from hpcsrl.log import launcher_rank
+
+    try:
+        options, decay = check_arguments(args)
+    except UserError:
+        if launcher_rank() != 0:
+            return 2  # every rank finds the same mistake: rank 0 alone says it
+        raise
+    import torch
+
+    from hpcsrl.parallel.horovod import make_distribution
+    from hpcsrl.train.distribution import RankStopped, everywhere
+    from hpcsrl.train.loop import PretrainConfig, Pretrainer
+
+    torch.set_num_threads(args.threads if args.threads is not None else default_threads())
+    dist = make_distribution(sync_bn=args.sync_bn, fp16_allreduce=args.fp16_allreduce)
+    cfg = PretrainConfig(method=args.method, backbone=args.backbone, bands=args.bands,
+                         epochs=args.epochs, batch_size=args.batch_size,
+                         input_size=args.input_size, lr=args.lr, weight_decay=args.weight_decay,
+                         momentum=args.momentum, seed=args.seed, workers=args.workers,
+                         limit=args.limit, monitor_samples=args.monitor_samples,
+                         progress=not args.no_progress, method_options=options,
+                         augment=args.augment, precise_bn=args.precise_bn,
+                         in_memory=args.in_memory, nesterov=args.nesterov,
+                         schedule=args.schedule, warmup_epochs=args.warmup_epochs,
+                         decay_epochs=decay, batches_per_allreduce=args.batches_per_allreduce)
+    try:
+        ds = everywhere(dist, lambda: pretrain_dataset(args, write_split=dist.is_writer))
+        Pretrainer(ds, cfg, args.out, resume=args.resume, dist=dist).run()
+    except RankStopped:
+        return 2  # another rank failed; rank 0 printed why
+    return 0
+
+
+def check_arguments(args: argparse.Namespace) -> tuple[dict[str, Any], list[int] | None]:
+    """Option checks that need no data: (method options, decay epochs) or a UserError."""
     if args.method not in METHOD_NAMES:
         raise UserError(f"--method {args.method!r} is unknown: choose one of "
                         f"{', '.join(METHOD_NAMES)}")
@@ -120,26 +205,14 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--limit must be at least 2")
     if args.precise_bn < 0:
         raise UserError("--precise-bn must be 0 (off) or a number of patches")
-    options = parse_method_options(args.method, args.method_option)
-    import torch
-
-    from hpcsrl.train.loop import PretrainConfig, Pretrainer
-
-    threads = args.threads if args.threads is not None else default_threads()
-    if threads < 1:
+    if args.threads is not None and args.threads < 1:
         raise UserError("--threads must be at least 1")
-    torch.set_num_threads(threads)
-    ds = pretrain_dataset(args)
-    cfg = PretrainConfig(method=args.method, backbone=args.backbone, bands=args.bands,
-                         epochs=args.epochs, batch_size=args.batch_size,
-                         input_size=args.input_size, lr=args.lr, weight_decay=args.weight_decay,
-                         momentum=args.momentum, seed=args.seed, workers=args.workers,
-                         limit=args.limit, monitor_samples=args.monitor_samples,
-                         progress=not args.no_progress, method_options=options,
-                         augment=args.augment, precise_bn=args.precise_bn,
-                         in_memory=args.in_memory)
-    Pretrainer(ds, cfg, args.out, resume=args.resume).run()
-    return 0
+    if args.warmup_epochs is not None and not 0 <= args.warmup_epochs < args.epochs:
+        raise UserError(f"--warmup-epochs must lie in 0..{args.epochs - 1}")
+    if args.batches_per_allreduce < 1:
+        raise UserError("--batches-per-allreduce must be at least 1")
+    return (parse_method_options(args.method, args.method_option),
+            parse_decay_epochs(args.decay_epochs, args.epochs))
 
 
 def add_split_arguments(p: argparse.ArgumentParser) -> None:

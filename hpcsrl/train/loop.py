@@ -1,4 +1,4 @@
-"""Single-process self-supervised pre-training with exact resume.
+"""Self-supervised pre-training with exact resume, in one process or data parallel.
 
 Every source of randomness is derived from (seed, epoch): the data order from a NumPy generator
 and the augmentations from a torch generator, both re-seeded at each epoch start. Together with the
@@ -9,6 +9,10 @@ Labels are never used for training: only the held-out k-NN monitor reads them.
 After each epoch the BatchNorm statistics are re-estimated on clean patches (`precise_bn`), so
 the checkpoint's eval-mode encoder fits un-augmented full-size inputs even when the views were
 smaller (`input_size` 32 on 64-px chips trains about 3.5x faster per step on CPU).
+
+Data parallel (`dist` = `hpcsrl.parallel.horovod.HorovodDistribution`): every rank trains on its
+shard of each global mini-batch with its own view generator; rank 0 alone holds the folder lock,
+reads the checkpoint on --resume and writes checkpoints and logs, and broadcasts its state.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import io
 import math
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +41,13 @@ from hpcsrl.log import get_logger
 from hpcsrl.models.base import SSLMethod
 from hpcsrl.models.registry import PAIRED_MODALITY_METHODS, build_method
 from hpcsrl.progress import progress_bar
-from hpcsrl.schedules import default_lr
+from hpcsrl.schedules import (
+    SCHEDULES,
+    WarmupDecay,
+    default_decay_epochs,
+    default_lr,
+    default_warmup_epochs,
+)
 from hpcsrl.train.batches import (
     check_batch_size,
     epoch_batches,
@@ -47,7 +57,7 @@ from hpcsrl.train.batches import (
     view_generator,
 )
 from hpcsrl.train.checkpoint import read_checkpoint, rng_state, set_rng_state, write_checkpoint
-from hpcsrl.train.distribution import Distribution, SingleProcess
+from hpcsrl.train.distribution import Distribution, SingleProcess, everywhere
 from hpcsrl.train.lock import RunLock
 from hpcsrl.train.optim import make_optimizer, make_scheduler
 
@@ -56,7 +66,10 @@ CHECKPOINT = "checkpoint.pt"
 # Options that must be unchanged for --resume to continue the same run.
 RESUME_KEYS = ("method", "backbone", "bands", "epochs", "batch_size", "input_size", "lr",
                "weight_decay", "momentum", "seed", "limit", "monitor_samples", "method_options",
-               "augment")
+               "augment", "nesterov", "schedule", "warmup_epochs", "decay_epochs")
+# Values of the schedule options in checkpoints written before they existed (one process).
+LEGACY_SCHEDULE = {"nesterov": False, "schedule": "cosine", "warmup_epochs": 0,
+                   "decay_epochs": []}
 
 
 @dataclass
@@ -80,6 +93,12 @@ class PretrainConfig:
     augment: str = DEFAULT_AUGMENT  # view-strength preset (hpcsrl.augment.views)
     precise_bn: int = 2048          # clean patches for BN statistics after each epoch (0: off)
     in_memory: bool = False         # read every patch once and keep them in memory
+    # Data-parallel recipe (None: the default for the rank count, or the checkpoint's on resume):
+    nesterov: bool | None = None        # Nesterov momentum (default: with several ranks)
+    schedule: str = "cosine"            # after the warm-up: "cosine" to 0 or "step" x0.1
+    warmup_epochs: int | None = None    # linear warm-up from lr / ranks (default: schedules)
+    decay_epochs: list[int] | None = None  # "step": epochs of each x0.1 (default 30/60/80 %)
+    batches_per_allreduce: int = 1      # micro-batches (backward passes) per optimiser step
 
     @property
     def base_lr(self) -> float:
@@ -92,6 +111,30 @@ def band_stats(dataset: Any) -> tuple[np.ndarray | None, np.ndarray | None]:
     if mean is None or std is None:
         return None, None
     return np.asarray(mean, np.float32).reshape(-1), np.asarray(std, np.float32).reshape(-1)
+
+
+def view_transform(dataset: Any, cfg: PretrainConfig) -> ViewTransform | None:
+    """The run's augmentation (None for paired modalities, which are only resized)."""
+    if cfg.method in PAIRED_MODALITY_METHODS:
+        return None
+    mean, std = band_stats(dataset)
+    return make_view_transform(dataset.sensor, dataset.band_names, cfg.input_size, mean=mean,
+                               std=std, augment=cfg.augment)
+
+
+def views(transform: ViewTransform | None, input_size: int, x: Tensor, g: torch.Generator
+          ) -> tuple[Tensor, Tensor]:
+    """The two views of a mini-batch's patches, drawn from its own generator, channels-last
+    (every trainer calls this: single process, data parallel, DHP's first stages)."""
+    if transform is not None:
+        x_a, x_b = two_views(transform, x.float(), g)
+    else:
+        if x.shape[-1] != input_size:  # paired modalities: no augmentation, only the size
+            x = F.interpolate(x.float(), size=(input_size,) * 2, mode="bilinear",
+                              align_corners=False, antialias=True)
+        x_a = x_b = x.float()
+    return (x_a.contiguous(memory_format=torch.channels_last),
+            x_b.contiguous(memory_format=torch.channels_last))
 
 
 class _BatchReader(torch.utils.data.Dataset):
@@ -187,15 +230,20 @@ class Pretrainer:
         self.rank0 = self.dist.is_writer
         self.out = Path(out_dir)
         self.lock = RunLock(self.out)
-        if self.rank0:
-            self.lock.acquire()
         try:
-            self._setup(dataset, cfg, resume)
+            # Local checks first, agreed on by all ranks; then the collectives (broadcasts).
+            ckpt = everywhere(self.dist, lambda: self._setup(dataset, cfg, resume))
+            self._start(ckpt)
         except BaseException:
             self.lock.release()
             raise
 
-    def _setup(self, dataset: Any, cfg: PretrainConfig, resume: bool) -> None:
+    def _setup(self, dataset: Any, cfg: PretrainConfig, resume: bool) -> dict[str, Any] | None:
+        """Everything a rank can check alone; returns the checkpoint to resume (rank 0 only)."""
+        if self.rank0:
+            self.lock.acquire()
+        if cfg.schedule not in SCHEDULES:
+            raise UserError(f"--schedule {cfg.schedule!r}: choose one of {', '.join(SCHEDULES)}")
         if cfg.in_memory:
             dataset = MemoryPatches(dataset, progress=cfg.progress and self.rank0)
         self.ds, self.cfg = dataset, cfg
@@ -209,40 +257,107 @@ class Pretrainer:
         if len(self.train_idx) < 2:
             raise UserError(f"only {len(self.train_idx)} patch(es) to train on: need at least 2 "
                             "(check --limit and the HDF5 file)")
+        ranks = self.dist.size
+        if ranks > len(self.train_idx):
+            raise UserError(f"{ranks} ranks but only {len(self.train_idx)} training patches: "
+                            "every rank needs patches of its own in each step; start at most "
+                            f"{len(self.train_idx) // 2} ranks (or use more data)")
         check_batch_size(len(self.train_idx), cfg.batch_size)
-        if cfg.batch_size % self.dist.size:
+        if cfg.batch_size % ranks:
             raise UserError(f"--batch-size {cfg.batch_size} is the global batch and must be a "
-                            f"multiple of the {self.dist.size} ranks")
+                            f"multiple of the {ranks} ranks")
+        micro = cfg.batch_size // ranks // max(1, cfg.batches_per_allreduce)
+        if cfg.batches_per_allreduce < 1 or micro * cfg.batches_per_allreduce * ranks != \
+                cfg.batch_size or micro < 2:
+            raise UserError(f"--batches-per-allreduce {cfg.batches_per_allreduce} must split each "
+                            f"rank's {cfg.batch_size // ranks} patches per step into equal "
+                            "micro-batches of at least 2")
         self.labels = labels
         torch.manual_seed(cfg.seed)
-        self.model = build_method(cfg.method, cfg.backbone, in_channels=dataset.channels,
-                                  **cfg.method_options)
+        model = build_method(cfg.method, cfg.backbone, in_channels=dataset.channels,
+                             **cfg.method_options)
         # NHWC convolutions are about 10 % faster on CPU (oneDNN); values are unchanged.
-        self.model.to(memory_format=torch.channels_last)
-        self.opt = make_optimizer(self.model.parameters(), cfg)
+        self.model = self.dist.prepare_model(model.to(memory_format=torch.channels_last))
         self.steps_per_epoch = len(epoch_batches(self.train_idx, cfg.batch_size, cfg.seed, 0))
         self.total_steps = self.steps_per_epoch * cfg.epochs
-        self.sched = make_scheduler(self.opt, self.total_steps)
         mean, std = band_stats(dataset)
         self.transform: ViewTransform | None = None if self.paired else make_view_transform(
             dataset.sensor, dataset.band_names, cfg.input_size, mean=mean, std=std,
             augment=cfg.augment)
         self.history: list[dict[str, Any]] = []
         self.start_epoch = 0
+        if not self.rank0:
+            return None
         ckpt_path = self.out / CHECKPOINT
+        ckpt = None
         if resume and ckpt_path.exists():
-            self._load(ckpt_path)
+            ckpt = read_checkpoint(ckpt_path)
         elif resume:
             self.log.info("no %s yet: starting from scratch", ckpt_path)
         elif ckpt_path.exists():
             raise UserError(f"{ckpt_path} exists: pass --resume to continue that run, or choose "
                             "another --out")
-        self.step_opt = self.dist.wrap_optimizer(self.opt, self.model)
+        self.cfg = self._resolve(cfg, None if ckpt is None else ckpt.get("pretrain", {}))
+        if ckpt is not None:
+            self._check_resume(ckpt_path, ckpt)
+        return ckpt
+
+    def _resolve(self, cfg: PretrainConfig, saved: dict[str, Any] | None) -> PretrainConfig:
+        """Schedule options left None: the resumed run's values, else the default for the rank
+        count (so a checkpoint resumes under another rank count on its own curve)."""
+        ranks = self.dist.size
+        defaults = {"nesterov": ranks > 1,
+                    "warmup_epochs": default_warmup_epochs(cfg.epochs, ranks),
+                    "decay_epochs": (default_decay_epochs(cfg.epochs) if cfg.schedule == "step"
+                                     else [])}
+        fill = {k: (saved.get(k, LEGACY_SCHEDULE[k]) if saved is not None else v)
+                for k, v in defaults.items() if getattr(cfg, k) is None}
+        return replace(cfg, **fill)
+
+    def _start(self, ckpt: dict[str, Any] | None) -> None:
+        """Collective part of the set-up: rank 0's resolved options, model, optimiser, schedule,
+        RNG and history on every rank."""
+        chosen = {k: getattr(self.cfg, k) for k in LEGACY_SCHEDULE}
+        self.cfg = replace(self.cfg, **self.dist.broadcast_object(chosen))
+        cfg = self.cfg
+        self.opt = self.dist.wrap_optimizer(
+            make_optimizer(self.model.parameters(), cfg, nesterov=bool(cfg.nesterov)),
+            self.model, backward_passes=cfg.batches_per_allreduce)
+        factor = None
+        if cfg.warmup_epochs or cfg.schedule != "cosine":
+            factor = WarmupDecay(self.total_steps, cfg.warmup_epochs * self.steps_per_epoch,
+                                 start=1.0 / self.dist.size, kind=cfg.schedule,
+                                 milestones=[e * self.steps_per_epoch
+                                             for e in cfg.decay_epochs or []])
+        self.sched = make_scheduler(self.opt, self.total_steps, factor)
+        if ckpt is not None:
+            self.model.load_state_dict(ckpt["model"])
+            self.opt.load_state_dict(ckpt["optimizer"])
+            self.sched.load_state_dict(ckpt["scheduler"])
+            set_rng_state(ckpt["rng"])
+            self.history = list(ckpt["history"])
+            self.start_epoch = int(ckpt["epoch"])
+            self.log.info("resumed %s after epoch %d of %d (written by %s rank(s))",
+                          self.out / CHECKPOINT, self.start_epoch, cfg.epochs,
+                          ckpt.get("ranks", 1))
+        if self.dist.size > 1:
+            extra = self.dist.broadcast_state(self.model, self.opt, {
+                "scheduler": self.sched.state_dict(), "rng": rng_state(),
+                "history": self.history, "start_epoch": self.start_epoch})
+            if not self.rank0 and extra is not None:
+                self.sched.load_state_dict(extra["scheduler"])
+                set_rng_state(extra["rng"])
+                self.history, self.start_epoch = extra["history"], extra["start_epoch"]
+
+    @property
+    def step_opt(self) -> torch.optim.Optimizer:
+        """The optimiser the step calls (kept for callers of the single-process trainer)."""
+        return self.opt
 
     # --- state ------------------------------------------------------------------------------
     def _run_record(self) -> dict[str, Any]:
         rec = asdict(self.cfg)
-        for k in ("workers", "progress", "knn_k", "in_memory"):
+        for k in ("workers", "progress", "knn_k", "in_memory", "batches_per_allreduce"):
             rec.pop(k)
         return rec
 
@@ -250,9 +365,9 @@ class Pretrainer:
         fp = getattr(self.ds, "fingerprint", None)
         return fp() if callable(fp) else None
 
-    def _load(self, path: Path) -> None:
-        ckpt = read_checkpoint(path)
-        saved, now = ckpt.get("pretrain", {}), self._run_record()
+    def _check_resume(self, path: Path, ckpt: dict[str, Any]) -> None:
+        """Refuse a checkpoint made with other options, another model or other data."""
+        saved, now = {**LEGACY_SCHEDULE, **ckpt.get("pretrain", {})}, self._run_record()
         diff = [f"--{k.replace('_', '-')} {saved.get(k)!r} (now {now[k]!r})"
                 for k in RESUME_KEYS if saved.get(k) != now[k]]
         if ckpt.get("config") != self.model.config:
@@ -265,13 +380,6 @@ class Pretrainer:
         if diff:
             raise UserError(f"{path} was made with different options: {'; '.join(diff)}. "
                             "Resume with the same options and data, or choose another --out")
-        self.model.load_state_dict(ckpt["model"])
-        self.opt.load_state_dict(ckpt["optimizer"])
-        self.sched.load_state_dict(ckpt["scheduler"])
-        set_rng_state(ckpt["rng"])
-        self.history = list(ckpt["history"])
-        self.start_epoch = int(ckpt["epoch"])
-        self.log.info("resumed %s after epoch %d of %d", path, self.start_epoch, self.cfg.epochs)
 
     def save(self, epoch: int) -> None:
         if not self.rank0:
@@ -287,16 +395,7 @@ class Pretrainer:
 
     # --- training ---------------------------------------------------------------------------
     def views(self, x: Tensor, g: torch.Generator) -> tuple[Tensor, Tensor]:
-        """The two views of a mini-batch's patches, drawn from its own generator, channels-last."""
-        if self.transform is not None:
-            x_a, x_b = two_views(self.transform, x.float(), g)
-        else:
-            if x.shape[-1] != self.cfg.input_size:  # paired modalities: no augmentation, size
-                x = F.interpolate(x.float(), size=(self.cfg.input_size,) * 2, mode="bilinear",
-                                  align_corners=False, antialias=True)
-            x_a = x_b = x.float()
-        return (x_a.contiguous(memory_format=torch.channels_last),
-                x_b.contiguous(memory_format=torch.channels_last))
+        return views(self.transform, self.cfg.input_size, x, g)
 
     def my_batches(self, epoch: int) -> list[np.ndarray]:
         """This rank's part of each global mini-batch of the epoch (all of it alone)."""
@@ -304,14 +403,22 @@ class Pretrainer:
         return [shard(b, self.dist.rank, self.dist.size) for b in batches]
 
     def step(self, x_a: Tensor, x_b: Tensor) -> Tensor:
-        """One optimisation step on one mini-batch's views; returns the (local) loss."""
-        loss = self.model(x_a, x_b)
-        if not torch.isfinite(loss):
-            raise UserError(f"loss became {loss.item()}: lower --lr (now {self.cfg.base_lr:g})")
-        self.step_opt.zero_grad(set_to_none=True)
-        loss.backward()
-        self.step_opt.step()
-        return loss.detach()
+        """One optimisation step on one mini-batch's views; returns the (local) loss.
+
+        With `batches_per_allreduce` k > 1 the views are cut into k micro-batches whose gradients
+        add up (each loss / k) before the one step (and, data parallel, the one allreduce)."""
+        k = self.cfg.batches_per_allreduce
+        self.opt.zero_grad()  # set_to_none (torch's default; Horovod's takes no argument)
+        total = torch.zeros(())
+        for part_a, part_b in zip(x_a.chunk(k), x_b.chunk(k), strict=True):
+            loss = self.model(part_a, part_b)
+            if not torch.isfinite(loss):
+                raise UserError(f"loss became {loss.item()}: lower --lr (now "
+                                f"{self.cfg.base_lr:g})")
+            (loss if k == 1 else loss / k).backward()
+            total = total + loss.detach()
+        self.opt.step()
+        return total / k
 
     def train_epoch(self, epoch: int) -> tuple[float, int, float, float]:
         """One pass over the shuffled training patches: (mean loss, images, seconds, last lr)."""

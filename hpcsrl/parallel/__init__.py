@@ -1,0 +1,1 @@
+"""Data-parallel training with Horovod: a `Distribution` for the shared epoch loop."""

@@ -1,0 +1,121 @@
+"""Horovod data parallelism as a `Distribution` of the shared epoch loop (hpcsrl.train).
+
+Each rank trains on its shard of every global mini-batch; `hvd.DistributedOptimizer` averages the
+gradients with ring-allreduce before every step, so all replicas take the same step and stay
+identical. Rank 0 owns the output folder; the others receive its state by broadcast.
+
+Settings that matter on CPU (measured, see benchmarks/scaling/README.md): Horovod's background
+thread polls every HOROVOD_CYCLE_TIME ms and competes with compute for the cores; a longer cycle
+(`DEFAULT_CYCLE_TIME_MS`, used unless the variable is set) and several backward passes per
+allreduce (`--batches-per-allreduce`) keep that cost small.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+from hpcsrl.errors import UserError
+from hpcsrl.parallel.sync_bn import convert_sync_bn
+
+# Launcher variables that give the number of ranks (mpirun, srun job step, horovodrun).
+SIZE_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "HOROVOD_SIZE")
+DEFAULT_CYCLE_TIME_MS = "20"
+
+
+def launched_ranks() -> int:
+    """How many ranks the launcher started (1 when run directly), read without initialising MPI."""
+    for var in SIZE_VARS:
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    if "SLURM_STEP_ID" in os.environ and "SLURM_PROCID" in os.environ:  # inside `srun`
+        value = os.environ.get("SLURM_STEP_NUM_TASKS") or os.environ.get("SLURM_NTASKS", "1")
+        return int(value) if value.isdigit() else 1
+    return 1
+
+
+class HorovodDistribution:
+    """Data parallelism over every rank of the launcher (Horovod's global process set)."""
+
+    def __init__(self, sync_bn: bool = False, fp16_allreduce: bool = False) -> None:
+        os.environ.setdefault("HOROVOD_CYCLE_TIME", DEFAULT_CYCLE_TIME_MS)
+        try:
+            import horovod.torch as hvd
+        except ImportError as exc:
+            raise UserError(f"data-parallel training needs Horovod with PyTorch ({exc}); run "
+                            "scripts/install.sh, or start a single process") from None
+        hvd.init()
+        self.hvd = hvd
+        self.rank, self.size = hvd.rank(), hvd.size()
+        self.sync_bn, self.fp16_allreduce = sync_bn, fp16_allreduce
+
+    @property
+    def is_writer(self) -> bool:
+        return self.rank == 0
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": "horovod", "ranks": self.size, "sync_bn": self.sync_bn,
+                "fp16_allreduce": self.fp16_allreduce,
+                "cycle_time_ms": float(os.environ["HOROVOD_CYCLE_TIME"])}
+
+    def _sum(self, x: torch.Tensor) -> torch.Tensor:
+        return self.hvd.allreduce(x, op=self.hvd.Sum)
+
+    def prepare_model(self, model: nn.Module) -> nn.Module:
+        """Parameters back in contiguous layout (Horovod's collectives refuse channels-last
+        tensors; gradients follow their parameter's layout), BatchNorm synchronised on request.
+        Channels-last inputs still select the NHWC convolution kernels."""
+        model.to(memory_format=torch.contiguous_format)
+        return convert_sync_bn(model, self._sum, self.size) if self.sync_bn else model
+
+    def wrap_optimizer(self, opt: torch.optim.Optimizer, model: nn.Module,
+                       backward_passes: int = 1) -> torch.optim.Optimizer:
+        hvd = self.hvd
+        compression = hvd.Compression.fp16 if self.fp16_allreduce else hvd.Compression.none
+        return hvd.DistributedOptimizer(opt, named_parameters=model.named_parameters(),
+                                        compression=compression, op=hvd.Average,
+                                        backward_passes_per_step=backward_passes)
+
+    def broadcast_state(self, model: nn.Module, opt: torch.optim.Optimizer,
+                        extra: dict | None = None) -> dict | None:
+        """Rank 0's parameters and buffers in place, its optimiser state (momentum buffers,
+        hyper-parameters) and `extra` on every rank.
+
+        Not `hvd.broadcast_optimizer_state`: on a fresh optimiser it takes a zero-gradient step
+        to create the state, which with weight decay moves the weights before training starts.
+        """
+        self.hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+        state = self.broadcast_object(opt.state_dict() if self.is_writer else None)
+        if not self.is_writer:
+            opt.load_state_dict(state)
+        return self.broadcast_object(extra)
+
+    def broadcast_object(self, obj: Any) -> Any:
+        return self.hvd.broadcast_object(obj, root_rank=0, name="hpcsrl.broadcast")
+
+    def average(self, value: float, name: str) -> float:
+        t = torch.tensor([float(value)], dtype=torch.float64)
+        return float(self.hvd.allreduce(t, op=self.hvd.Average, name=f"hpcsrl.avg.{name}"))
+
+    def agree(self, ok: bool) -> bool:
+        t = torch.tensor([int(bool(ok))], dtype=torch.int64)
+        return int(self.hvd.allreduce(t, op=self.hvd.Sum, name="hpcsrl.agree")) == self.size
+
+    def first_error(self, message: str | None) -> tuple[int, str] | None:
+        messages = self.hvd.allgather_object(message, name="hpcsrl.errors")
+        for rank, text in enumerate(messages):
+            if text is not None:
+                return rank, str(text)
+        return None
+
+
+def make_distribution(sync_bn: bool = False, fp16_allreduce: bool = False):
+    """Horovod when a launcher started several ranks, else the single process (unchanged)."""
+    from hpcsrl.train.distribution import SingleProcess
+
+    if launched_ranks() > 1:
+        return HorovodDistribution(sync_bn=sync_bn, fp16_allreduce=fp16_allreduce)
+    return SingleProcess()
