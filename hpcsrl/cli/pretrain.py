@@ -77,6 +77,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="read all patches into memory once (float32: 4 x bands x size^2 bytes "
                    "each) instead of an HDF5 read per batch")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--stem", choices=("imagenet", "small"), default="imagenet",
+                   help="ResNet stem: imagenet (7x7/2 + max-pool, default) or small (3x3/1, no "
+                   "max-pool: 8x8 cells from a 64-px chip instead of 2x2, ~16x the compute); "
+                   "recorded in the model config")
     p.add_argument("--pretrain-on", choices=("pool", "all"), default="pool",
                    help="pool (default): never read the test or validation patches of the split; "
                    "all: include them deliberately (recorded in the checkpoint)")
@@ -168,6 +172,8 @@ def run(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(args.threads if args.threads is not None else default_threads())
     dist = make_distribution(sync_bn=args.sync_bn, fp16_allreduce=args.fp16_allreduce)
+    if args.stem != "imagenet":  # a backbone option: build_method records it in the config
+        options["stem"] = args.stem
     cfg = PretrainConfig(method=args.method, backbone=args.backbone, bands=args.bands,
                          epochs=args.epochs, batch_size=args.batch_size,
                          input_size=args.input_size, lr=args.lr, weight_decay=args.weight_decay,

@@ -14,7 +14,7 @@ from hpcsrl.models.baselines.moco_v2 import MoCoV2
 from hpcsrl.models.baselines.simclr import SimCLR
 from hpcsrl.models.baselines.simsiam import SimSiam
 from hpcsrl.models.lite_srl import LiteSRL
-from hpcsrl.models.resnet import BACKBONES
+from hpcsrl.models.resnet import BACKBONES, DEFAULT_STEM, backbone_stem, check_stem
 
 METHODS: dict[str, type[SSLMethod]] = {
     cls.method: cls for cls in (LiteSRL, SimSiam, BYOL, SimCLR, MoCoV2, DualSimCLR)
@@ -31,8 +31,9 @@ def method_options(name: str) -> dict[str, Any]:
 
 
 def build_method(name: str, backbone: str = "resnet18", in_channels: int = 3,
-                 **kw: Any) -> SSLMethod:
-    """A fresh model; unknown method, backbone or option -> UserError listing the valid ones."""
+                 stem: str = DEFAULT_STEM, **kw: Any) -> SSLMethod:
+    """A fresh model; unknown method, backbone, stem or option -> UserError listing the valid
+    ones. A non-default `stem` (every ResNet of the method) is recorded in `model.config`."""
     if name not in METHODS:
         raise UserError(f"unknown method {name!r}: choose one of {', '.join(METHODS)}")
     if backbone not in BACKBONES:
@@ -42,7 +43,11 @@ def build_method(name: str, backbone: str = "resnet18", in_channels: int = 3,
     if bad:
         raise UserError(f"method {name!r} has no option {', '.join(bad)}: valid options are "
                         f"{', '.join(valid) or 'none'}")
-    return METHODS[name](backbone=backbone, in_channels=in_channels, **kw)
+    with backbone_stem(check_stem(stem)):
+        model = METHODS[name](backbone=backbone, in_channels=in_channels, **kw)
+    if stem != DEFAULT_STEM:  # absent = imagenet, so configs written before stems still match
+        model.config["stem"] = stem
+    return model
 
 
 # Options added after checkpoints were first written, with the behaviour those checkpoints had:

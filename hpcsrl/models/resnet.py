@@ -2,9 +2,9 @@
 
 The backbone is an `nn.Sequential` whose children are its partitionable units, in order:
 
-    conv1          7x7/2 convolution (in_channels -> 64)
+    conv1          7x7/2 convolution (in_channels -> 64); 3x3/1 with the small stem
     bn1_relu       batch norm + ReLU (one unit: the ReLU is in place on the BN output)
-    maxpool        3x3/2 max pooling
+    maxpool        3x3/2 max pooling (absent with the small stem)
     layer1_0 ...   one unit per residual block (a block is a parallel zone: never cut inside)
     avgpool        global average pooling + flatten -> (N, feature_dim)
 
@@ -13,11 +13,20 @@ ResNet-50 Bottlenecks (3 + 4 + 6 + 3, feature_dim 2048). So ResNet-18 has 3 + 8 
 ResNet-34 20 and ResNet-50 20. With the Lite-SRL heads (see `lite_srl.py`) ResNet-18 gives the
 paper's 28 partitionable layers. Parameters (3 bands): ResNet-18 11,176,512; ResNet-34
 21,284,672; ResNet-50 23,508,032 (torchvision's counts minus the 1000-class classifier).
+
+Stems: `imagenet` reduces the input 32-fold, so a 64-px EuroSAT chip ends as 2 x 2 cells; `small`
+(a 3x3 stride-1 convolution and no max-pool, as self-supervised libraries use for 32-64 px
+images) reduces it 8-fold (8 x 8 cells) at about 16x the compute per image, one unit fewer.
+The method classes take only the depth name, so the registry builds a method inside
+`backbone_stem(stem)` and records a non-default stem in the model config.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 import torch
 from torch import Tensor, nn
@@ -32,6 +41,25 @@ ARCHS: dict[str, tuple[str, tuple[int, int, int, int]]] = {
     "resnet50": ("bottleneck", (3, 4, 6, 3)),
 }
 BACKBONES: tuple[str, ...] = tuple(ARCHS)
+STEMS: tuple[str, ...] = ("imagenet", "small")
+DEFAULT_STEM = "imagenet"
+_STEM: ContextVar[str] = ContextVar("resnet_stem", default=DEFAULT_STEM)
+
+
+def check_stem(stem: str) -> str:
+    if stem not in STEMS:
+        raise UserError(f"unknown stem {stem!r}: choose one of {', '.join(STEMS)}")
+    return stem
+
+
+@contextmanager
+def backbone_stem(stem: str) -> Iterator[None]:
+    """ResNets built inside this block (without an explicit `stem`) get `stem`."""
+    token = _STEM.set(check_stem(stem))
+    try:
+        yield
+    finally:
+        _STEM.reset(token)
 
 
 def _conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
@@ -96,10 +124,13 @@ class GlobalPool(nn.Module):
 class ResNet(nn.Sequential):
     """A ResNet trunk whose children are exactly its partitionable units (see module docstring).
 
-    Maps (N, in_channels, H, W) -> (N, feature_dim); any H, W >= 32 works.
+    Maps (N, in_channels, H, W) -> (N, feature_dim); any H, W >= 32 works (>= 8 with the small
+    stem). `stem` None: the one set by `backbone_stem` (default imagenet).
     """
 
-    def __init__(self, depth: str = "resnet18", in_channels: int = 3) -> None:
+    def __init__(self, depth: str = "resnet18", in_channels: int = 3,
+                 stem: str | None = None) -> None:
+        stem = check_stem(stem or _STEM.get())
         if depth not in ARCHS:
             raise UserError(f"unknown backbone {depth!r}: choose one of {', '.join(BACKBONES)}")
         if in_channels < 1:
@@ -107,9 +138,13 @@ class ResNet(nn.Sequential):
         kind, counts = ARCHS[depth]
         block = BasicBlock if kind == "basic" else Bottleneck
         layers: OrderedDict[str, nn.Module] = OrderedDict()
-        layers["conv1"] = nn.Conv2d(in_channels, 64, 7, stride=2, padding=3, bias=False)
-        layers["bn1_relu"] = nn.Sequential(nn.BatchNorm2d(64), nn.ReLU(inplace=True))
-        layers["maxpool"] = nn.MaxPool2d(3, stride=2, padding=1)
+        if stem == "small":
+            layers["conv1"] = nn.Conv2d(in_channels, 64, 3, stride=1, padding=1, bias=False)
+            layers["bn1_relu"] = nn.Sequential(nn.BatchNorm2d(64), nn.ReLU(inplace=True))
+        else:
+            layers["conv1"] = nn.Conv2d(in_channels, 64, 7, stride=2, padding=3, bias=False)
+            layers["bn1_relu"] = nn.Sequential(nn.BatchNorm2d(64), nn.ReLU(inplace=True))
+            layers["maxpool"] = nn.MaxPool2d(3, stride=2, padding=1)
         cin = 64
         for stage, (n_blocks, width) in enumerate(zip(counts, (64, 128, 256, 512), strict=True),
                                                    start=1):
@@ -120,6 +155,7 @@ class ResNet(nn.Sequential):
         layers["avgpool"] = GlobalPool()
         super().__init__(layers)
         self.depth, self.in_channels, self.feature_dim = depth, in_channels, cin
+        self.stem = stem
         self._init_weights()
 
     def _init_weights(self) -> None:
