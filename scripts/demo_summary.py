@@ -29,8 +29,9 @@ def patches_line(h5_path: Path) -> str:
                     for ranges in json.loads(attrs["assignment"])]
         scenes = len(attrs["scene_names"])
         balance = float(attrs["balance"])
-    return (f"patches: {n} written from {scenes} scenes by {ranks} MPI ranks; patch positions per "
-            f"rank {' / '.join(map(str, per_rank))}, split balance {balance:.3f} (max/mean, 1 is "
+    return (f"patches: {n} written from {scenes} scenes by {ranks} MPI ranks (of {sum(per_rank)} "
+            f"positions, the rest cloudy or no-data); positions per rank "
+            f"{' / '.join(map(str, per_rank))}, split balance {balance:.3f} (max/mean, 1 is "
             "perfect)")
 
 

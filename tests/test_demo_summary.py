@@ -46,7 +46,8 @@ def test_three_lines_and_a_plain_verdict_when_a_floor_is_not_beaten(tmp_path, ca
     assert summary.main([str(out)]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 3, lines
-    assert lines[0].startswith("patches: 97 written from 2 scenes by 2 MPI ranks")
+    assert lines[0].startswith("patches: 97 written from 2 scenes by 2 MPI ranks (of 100 "
+                               "positions, the rest cloudy or no-data)")
     assert "50 / 50" in lines[0] and "balance 1.000" in lines[0]
     assert ("10 % labels: lite-srl (freeze) 0.500, random-init 0.400, channel-stats 0.600"
             in lines[1])
