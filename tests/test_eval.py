@@ -259,6 +259,25 @@ def test_multilabel_head_is_trained_when_data_is_multilabel(tmp_path):
         assert 0.0 <= r["ml_f1_micro"] <= 1.0 and 0.0 <= r["ml_f1_macro"] <= 1.0
 
 
+def test_multilabel_f1_counts_every_labelled_test_patch_not_only_single_label_ones(tmp_path):
+    x, y = separable_images(n_per_class=30)
+    mh = np.eye(3, dtype=np.uint8)[y]
+    labels = y.copy()
+    two = np.arange(0, len(y), 3)                 # a third of the patches carry two classes:
+    mh[two, (y[two] + 1) % 3] = 1                 # no single label (-1), like BigEarthNet
+    labels[two] = -1
+    spec = EvalSpec(modes=("freeze", "finetune"), fractions=(0.5,), tsne=False, fit=FAST)
+    rows = run_protocol(LabelledData(array_reader(x), labels, ["a", "b", "c"], mh),
+                        {"tiny": TinyEncoder()}, spec, tmp_path)
+    import json
+    parts = json.loads((tmp_path / "parts.json").read_text())
+    test = np.asarray(parts["test"])
+    assert (labels[test] < 0).sum() > 0          # multi-label-only patches are in the test part
+    for r in rows:
+        assert r["n_test"] == len(test)          # ... and every one of them is scored
+        assert 0.0 <= r["ml_f1_micro"] <= 1.0 and 0.0 <= r["ml_f1_macro"] <= 1.0
+
+
 # ------------------------------------------------------------------------------- fine-tune
 def test_fine_tune_changes_weights_and_protocol_keeps_callers_encoder(tmp_path):
     x, y = separable_images()

@@ -205,3 +205,78 @@ def test_checkpoint_round_trip_and_errors(tmp_path):
         model_from_checkpoint(bad)
     with pytest.raises(UserError, match="no such checkpoint"):
         model_from_checkpoint(tmp_path / "missing.pt")
+
+
+# ------------------------------------------------------------------------------- small stem
+def test_small_stem_keeps_resolution_and_units():
+    net = ResNet("resnet18", 3, stem="small").eval()
+    names = [n for n, _ in net.units()]
+    assert names[:3] == ["backbone.conv1", "backbone.bn1_relu", "backbone.layer1_0"]
+    assert net.conv1.kernel_size == (3, 3) and net.conv1.stride == (1, 1)
+    h = torch.randn(1, 3, 64, 64)
+    for _, unit in net.units()[:-1]:
+        h = unit(h)
+    assert h.shape[-2:] == (8, 8)  # 8x reduction (the ImageNet stem leaves 2x2)
+    assert net(torch.randn(2, 3, 16, 16)).shape == (2, 512)
+    # 3x3 instead of 7x7 weights, nothing else changes
+    assert sum(p.numel() for p in net.parameters()) == 11_176_512 - 64 * 3 * (49 - 9)
+    with pytest.raises(UserError, match="small"):
+        ResNet("resnet18", 3, stem="tiny")
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_small_stem_is_recorded_and_rebuilt_for_every_method(method):
+    torch.manual_seed(0)
+    model = build_method(method, "resnet18", _channels(method), stem="small",
+                         **SMALL.get(method, {}))
+    assert model.config["stem"] == "small"
+    assert "stem" not in _small(method).config  # default configs stay as before
+    stems = {m.stem for m in model.modules() if isinstance(m, ResNet)}
+    assert stems == {"small"}  # momentum copies and the second Dual-SimCLR trunk too
+    twin = model_from_config(model.config)
+    assert twin.config == model.config
+    assert len(twin.units()) == len(_small(method).units()) - (2 if method == "dual-simclr"
+                                                               else 1)
+    x_a, x_b = _views(_channels(method), n=2, size=16)
+    model.eval()
+    torch.testing.assert_close(run_units(model.units(), model.chain_input(x_a, x_b)),
+                               model(x_a, x_b))
+
+
+@pytest.mark.slow
+def test_small_stem_profiles_plans_and_loads_in_evaluate(tmp_path, capsys):
+    """`--stem small` through the CLIs: profile -> plan, and a small-stem checkpoint (and the
+    random-init twin) loaded by `hpcsrl evaluate`."""
+    import json
+    import sys
+    from pathlib import Path
+
+    from hpcsrl.cli.main import main
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from test_eval import write_rgb_h5
+
+    prof = tmp_path / "profile.json"
+    assert main(["profile", "--method", "lite-srl", "--stem", "small", "--input-size", "16",
+                 "--batch-size", "2", "--repeats", "1", "--warmup", "0", "--threads", "1",
+                 "--out", str(prof)]) == 0
+    p = json.loads(prof.read_text())
+    assert "small" in json.dumps(p) and len(p["units"]) == 27
+    assert main(["plan", "--profile", str(prof), "--devices", "3", "--memory", "2GiB",
+                 "--bandwidth", "1Gbit/s", "--out", str(tmp_path / "plan.json")]) == 0
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    assert len(plan["stages"]) == 3 and "small" in plan["model"]
+
+    data = tmp_path / "chips.h5"
+    write_rgb_h5(data, n=30, p=16)
+    torch.manual_seed(0)
+    model = build_method("lite-srl", stem="small")
+    write_checkpoint(tmp_path / "ckpt.pt", {"config": model.config, "model": model.state_dict(),
+                                            "pretrain": {"bands": "rgb"}})
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "ckpt.pt"), "--data", str(data),
+                 "--mode", "freeze", "--label-fractions", "0.5", "--epochs", "2", "--no-tsne",
+                 "--quiet", "--out", str(out)]) == 0
+    rows = (out / "report.csv").read_text()
+    assert "lite-srl" in rows and "random-init" in rows
+    capsys.readouterr()
