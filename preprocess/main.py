@@ -43,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Exit status: 0 done, 2 bad input or options (one message naming the file).")
     p.add_argument("--input", required=True, type=Path, help="folder with the scenes")
     p.add_argument("--output", required=True, type=Path, help="HDF5 file to create (.h5)")
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing --output file (without it, an existing file is "
+                   "refused and left untouched)")
     p.add_argument("--patch-size", type=int, default=120,
                    help="patch side at 10 m in pixels; a multiple of 6 for Sentinel-2 "
                    "(default: 120, as BigEarthNet)")
@@ -126,10 +129,15 @@ def make_plan(args: argparse.Namespace, n_ranks: int, discover=None) -> Plan:
         v = getattr(args, name)
         if not 0.0 <= v <= 1.0:
             raise UserError(f"--{name.replace('_', '-')} {v}: must be a fraction in [0, 1]")
+    if args.input.exists() and not args.input.is_dir():
+        raise UserError(f"--input {args.input}: is a file; give the folder that holds the "
+                        "scenes (e.g. the --out folder of hpcsrl synth)")
     if not args.input.is_dir():
         raise UserError(f"--input {args.input}: no such folder")
     if args.output.is_dir():
         raise UserError(f"--output {args.output}: is a folder; give a file name such as out.h5")
+    if (args.output.exists() or args.output.is_symlink()) and not args.force:
+        raise UserError(f"--output {args.output}: already exists; pass --force to replace it")
     try:  # like `mkdir -p`: batch scripts often name a fresh results folder
         args.output.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -287,7 +295,7 @@ def tile_rank(plan: Plan, output: Path, rank: int, progress: Progress,
     shard = writer.shard_path(output, rank)
     shard.parent.mkdir(parents=True, exist_ok=True)
     with writer.atomic_path(shard) as tmp:
-        out = writer.ShardWriter(tmp, plan.layout)
+        out = writer.ShardWriter(tmp, plan.layout, capacity=sum(r.size for r in ranges))
         try:
             for rng in ranges:
                 scene = plan.scenes[rng.scene]

@@ -17,7 +17,8 @@ hpcsrl synth --out "$OUT/scenes" --scenes 6 --size 480 --size-spread 0.6 --class
 
 step "2/6 MPI preprocessing with $NP ranks -> HDF5 patches"
 mpirun --oversubscribe --bind-to none --map-by slot -np "$NP" \
-  hpcsrl-preprocess --input "$OUT/scenes" --output "$OUT/patches.h5" --patch-size 48 --max-cloud 0.3
+  hpcsrl-preprocess --input "$OUT/scenes" --output "$OUT/patches.h5" --patch-size 48 --max-cloud 0.3 \
+  --force  # a re-run of the demo replaces its own earlier file (complete shards are reused)
 
 step "3/6 Lite-SRL self-supervised pre-training (labels hidden)"
 rm -rf "$OUT/pretrain"  # a re-run of the demo trains afresh (pretrain refuses to overwrite a run)

@@ -172,6 +172,11 @@ def test_empty_and_unknown_inputs(tmp_path):
         discover(empty)
     with pytest.raises(UserError, match="does not exist"):
         discover(tmp_path / "nope")
+    scene_file = tmp_path / "scene_B02.tif"
+    scene_file.write_bytes(b"")
+    for call in (discover, detect_format):  # a file is not reported as a missing folder
+        with pytest.raises(UserError, match=r"scene_B02\.tif is a file; expected a folder"):
+            call(scene_file)
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "a.txt").write_text("x")
     with pytest.raises(UserError, match=r"cannot tell the input format .*1 \.txt"):
@@ -506,11 +511,29 @@ def test_chips_real_eurosat_rgb(shared_data):
 # ------------------------------------------------------------------ Major-TOM and other samples
 
 
+def test_majortom_layout_is_detected_and_recorded(tmp_path, synth_set):
+    """Major-TOM cells (<row>U/<row>U_<col>R/<product>/B01.tif, no file-name prefix) are read by
+    the per-band reader and recorded as `majortom`, not as the synthetic layout."""
+    product = tmp_path / "S2L2A" / "0U" / "0U_199R" / "S2A_MSIL2A_20220706T085611_N0400"
+    product.mkdir(parents=True)
+    for f in synth_set.glob("synth0_0000/synth0_0000_B*.tif"):
+        shutil.copy(f, product / f.name.removeprefix("synth0_0000_"))
+    root = tmp_path / "S2L2A"
+    assert detect_format(root) == "majortom"
+    assert detect_format(tmp_path / "S2L2A" / "0U") == "majortom"
+    ss = discover(root)
+    assert ss.fmt == "majortom" and [s.name for s in ss.scenes] == [
+        "0U/0U_199R/S2A_MSIL2A_20220706T085611_N0400"]
+    assert discover(root, fmt="majortom").scenes == ss.scenes
+    assert discover(root, fmt="synthetic").fmt == "synthetic"  # an explicit choice is kept
+    assert detect_format(synth_set) == "synthetic"
+
+
 @pytest.mark.realdata
 def test_majortom_real_sample(shared_data):
     root = shared_data / SAMPLES / "Major-TOM-Core" / "S2L2A"
     ss = discover(root)
-    assert ss.fmt == "synthetic" and len(ss.scenes) == 2 and ss.class_names == ()
+    assert ss.fmt == "majortom" and len(ss.scenes) == 2 and ss.class_names == ()
     assert discover(root, fmt="majortom").scenes == ss.scenes
     s = ss.scenes[0]
     assert (s.width, s.height) == (1068, 1068)
@@ -524,6 +547,6 @@ def test_real_samples_detected(shared_data):
     assert detect_format(root / "BigEarthNet-v1-examples") == "bigearthnet"
     assert detect_format(root / "EuroSAT_MS") == "chips"
     assert detect_format(root / "pyroSAR") == "s1"
-    assert detect_format(root / "Major-TOM-Core") == "synthetic"
+    assert detect_format(root / "Major-TOM-Core") == "majortom"
     with pytest.raises(UserError, match=r"cannot tell the input format .*7 \.tif"):
         detect_format(root / "Hydro")

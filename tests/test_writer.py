@@ -88,6 +88,24 @@ def test_master_maps_shards_in_global_order_and_validates(tmp_path):
         writer.validate(out, layout, 4)
 
 
+def test_truncated_shard_is_named_not_the_master(tmp_path):
+    layout = Layout(None, ("VV", "VH"), 6, 0)
+    out = tmp_path / "t.h5"
+    write_shard(out, 0, layout, [10, 11])
+    write_shard(out, 1, layout, [20])
+    pieces = writer.plan_pieces([[(0, 0, 2)], [(1, 0, 1)]], [[2], [1]], [])
+    writer.write_master(out, layout, pieces, [2, 1], {"format_version": 1,
+                                                       "mean_s1": [0.0, 0.0],
+                                                       "std_s1": [1.0, 1.0]})
+    shard = writer.shard_path(out, 1)
+    shard.write_bytes(shard.read_bytes()[:-500])  # e.g. a copy cut short
+    expect = rf"^{shard}: this shard of {out} cannot be read, probably truncated"
+    with pytest.raises(UserError, match=expect):
+        writer.validate(out, layout, 3)
+    with pytest.raises(UserError, match=expect):  # training on the file says the same
+        PatchDataset(out, bands="s1")
+
+
 def test_reusable_manifest_requires_same_fingerprint_and_complete_shard(tmp_path):
     layout = Layout(None, ("VV",), 6, 0)
     out = tmp_path / "r.h5"
@@ -154,15 +172,31 @@ def test_pipeline_writes_schema_and_resumes(scenes, tmp_path, capsys):
     raw = first["data_10m"].astype(np.float64)
     np.testing.assert_allclose(mean, raw.mean(axis=(0, 2, 3)), rtol=1e-9)
     assert len(ds) == 13 and ds.class_names == ("forest", "water", "crops")
-    # a second run reuses the complete shard and gives the same file
-    assert drive(d, out, scene_set(sc)) == 0
+    # a second run with --force reuses the complete shard and gives the same file
+    assert drive(d, out, scene_set(sc), "--force") == 0
     assert "reused shard" in capsys.readouterr().out
     with h5py.File(out) as f:
         for k, v in first.items():
             np.testing.assert_array_equal(f[k][:], v)
     # another patch filter changes the fingerprint: no reuse
-    assert drive(d, out, scene_set(sc), "--max-cloud", "0.5") == 0
+    assert drive(d, out, scene_set(sc), "--max-cloud", "0.5", "--force") == 0
     assert "reused shard" not in capsys.readouterr().out
+
+
+def test_existing_output_is_refused_without_force(scenes, tmp_path, capsys):
+    d, sc = scenes
+    out = tmp_path / "e.h5"
+    out.write_bytes(b"an earlier result")
+    assert drive(d, out, scene_set(sc)) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert err == [f"hpcsrl-preprocess: error: --output {out}: already exists; pass --force to "
+                   "replace it"], captured.err
+    assert out.read_bytes() == b"an earlier result"  # left untouched, no shard written
+    assert not writer.shard_dir(out).exists()
+    assert drive(d, out, scene_set(sc), "--force") == 0
+    with h5py.File(out) as f:
+        assert len(f["label"]) == 13
 
 
 def test_exclusion_list_through_the_reader(scenes, tmp_path, capsys):
@@ -178,7 +212,7 @@ def test_exclusion_list_through_the_reader(scenes, tmp_path, capsys):
     with h5py.File(out) as f:
         assert list(f.attrs["scene_names"]) == ["S0"] and len(f["label"]) == 6
         assert list(f.attrs["exclude"]) == [str(lst)]
-    args.exclude = str(tmp_path / "nope.csv")
+    args.exclude, args.force = str(tmp_path / "nope.csv"), True
     assert run(MPI.COMM_WORLD, args) == 2
     assert "nope.csv" in capsys.readouterr().err
 
@@ -208,6 +242,10 @@ def test_option_errors_are_one_line(scenes, tmp_path, capsys):
     assert "--max-cloud 2.0" in capsys.readouterr().err
     assert drive(tmp_path / "absent", tmp_path / "o.h5", scene_set(sc)) == 2
     assert "no such folder" in capsys.readouterr().err
+    a_file = sc[0].s2["B02"].path
+    assert drive(a_file, tmp_path / "o.h5", scene_set(sc)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"--input {a_file}: is a file; give the folder" in err[0], err
     assert drive(d, tmp_path / "o.h5", scene_set(sc), "--patch-size", "64") == 2
     assert "multiple of 6" in capsys.readouterr().err
     assert drive(d, tmp_path / "o.h5", scene_set(sc), "--patch-size", "600") == 2

@@ -18,6 +18,7 @@ import torch
 from torch.utils.data import Dataset
 
 from hpcsrl.data.bands import RGB_BANDS, S1_BANDS, S2_10M, S2_BANDS
+from hpcsrl.data.shards import check_shards
 from hpcsrl.errors import UserError
 
 BAND_SETS = ("rgb", "s2-10m", "s2", "s1", "s1s2")
@@ -101,8 +102,7 @@ class PatchDataset(Dataset):
             s1_names = tuple(_str_list(f.attrs.get("s1_bands"))) or S1_BANDS[:n_s1]
             self._parts = [_Part("s1", slice(0, n_s1), False, s1_names[:n_s1])
                            if p.dataset == "s1" else p for p in self._parts]
-        for p in self._parts:
-            self._check_sources(f[p.dataset])
+        check_shards(f, self.path)  # a missing or truncated shard named before any read
         n_file = f[self._parts[0].dataset].shape[0]
         if indices is None:
             self.indices = np.arange(n_file, dtype=np.int64)
@@ -141,16 +141,6 @@ class PatchDataset(Dataset):
         self.sensor = {"s1": "sar", "s1s2": "s1s2"}.get(self.bands, "optical")
         self.modality_channels: dict[str, slice] = (
             {"s2": slice(0, 12), "s1": slice(12, self.channels)} if self.bands == "s1s2" else {})
-
-    def _check_sources(self, ds: h5py.Dataset) -> None:
-        """A virtual dataset whose shard is missing would silently read zeros: refuse early."""
-        if not ds.is_virtual:
-            return
-        for vs in ds.virtual_sources():
-            if vs.file_name != "." and not (self.path.parent / vs.file_name).is_file():
-                raise UserError(f"{self.path}: its shard {self.path.parent / vs.file_name} is "
-                                "missing; keep the .shards folder next to the file or re-run "
-                                "hpcsrl-preprocess")
 
     # --- lazy per-process handle -------------------------------------------------------------
     def _file(self) -> h5py.File:

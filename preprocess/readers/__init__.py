@@ -10,6 +10,7 @@ Readers validate cheaply (headers + the last block of every band) and either sto
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections import Counter
@@ -26,8 +27,10 @@ _DETECT_MAX_DEPTH = 5
 
 
 def _reader(fmt: str) -> Callable[..., SceneSet]:
-    if fmt in ("synthetic", "majortom"):
+    if fmt in ("synthetic", "majortom"):  # one reader; the SceneSet records which layout it was
         from preprocess.readers import synthetic as mod
+
+        return functools.partial(mod.read, fmt=fmt)
     elif fmt == "bigearthnet":
         from preprocess.readers import bigearthnet as mod
     elif fmt == "safe":
@@ -74,16 +77,25 @@ def _summary(root: Path) -> str:
     return f"{n_dirs} folder(s); files: {top}"
 
 
+def require_folder(root: str | os.PathLike) -> Path:
+    """The input as a folder; a file or a missing path gets a message saying which it is."""
+    root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise UserError(f"input {root} is a file; expected a folder of scenes (one of the "
+                        f"layouts {', '.join(FORMATS)})")
+    if not root.is_dir():
+        raise UserError(f"input folder {root} does not exist")
+    return root
+
+
 def detect_format(root: str | os.PathLike) -> str:
     """Guess the layout from a bounded look at the folder (names only, no raster opened)."""
     from preprocess.readers.chips import IMAGE_EXT
     from preprocess.readers.raster import walk
     from preprocess.readers.s1 import POL
-    from preprocess.readers.synthetic import BAND_FILE
+    from preprocess.readers.synthetic import BAND_FILE, MAJORTOM_CELL
 
-    root = Path(root)
-    if not root.is_dir():
-        raise UserError(f"input folder {root} does not exist or is not a folder")
+    root = require_folder(root)
     top = sorted(os.scandir(root), key=lambda e: e.name)
     if not top:
         raise UserError(f"input folder {root} is empty")
@@ -106,12 +118,14 @@ def detect_format(root: str | os.PathLike) -> str:
             pass
     seen = 0
     has_pol = False
-    for _, _, filenames in walk(root, _DETECT_MAX_DEPTH):
+    for folder, _, filenames in walk(root, _DETECT_MAX_DEPTH):
         band_hits = [f for f in filenames if (m := BAND_FILE.match(f))
                      and m.group("key").upper() not in ("VV", "VH", "SCL", "LABEL")]
         if band_hits:
             if any(f.endswith("_labels_metadata.json") for f in filenames):
                 return "bigearthnet"
+            if any(MAJORTOM_CELL.match(part) for part in folder.parts):
+                return "majortom"
             return "synthetic"
         has_pol = has_pol or any(POL.search(f) and f.lower().endswith((".tif", ".tiff"))
                                  for f in filenames)
@@ -137,9 +151,7 @@ def discover(input_dir: str | os.PathLike, fmt: str = "auto", skip_bad: bool = F
     `exclude`: exclusion list file(s) of scene / patch names to drop (BigEarthNet style).
     `options` go to the reader (e.g. `classes="union"` for bigearthnet).
     """
-    root = Path(input_dir)
-    if not root.is_dir():
-        raise UserError(f"input folder {root} does not exist or is not a folder")
+    root = require_folder(input_dir)
     if fmt == "auto":
         fmt = detect_format(root)
     read = _reader(fmt)

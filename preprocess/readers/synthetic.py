@@ -25,6 +25,8 @@ BAND_FILE = re.compile(
     r"^(?:(?P<prefix>.*)_)?(?P<key>B0?\d{1,2}|B8A|R(?:10|20|60)m|SCL|VV|VH|label)\.tiff?$",
     re.IGNORECASE)
 RES_FILE = re.compile(r"^R(10|20|60)m$", re.IGNORECASE)
+# A Major-TOM grid cell folder, e.g. 0U_199R: row (U/D of the equator) and column (L/R).
+MAJORTOM_CELL = re.compile(r"^\d+[UD]_\d+[LR]$")
 
 
 @dataclass
@@ -113,8 +115,9 @@ def read_class_names(root: Path) -> tuple[str, ...]:
 
 
 def read(root: Path, *, skip_bad: bool = False, exclude: frozenset[str] = frozenset(),
-         progress: bool = False) -> SceneSet:
-    """All per-band / per-resolution scenes under `root`, sorted by name."""
+         progress: bool = False, fmt: str = FMT) -> SceneSet:
+    """All per-band / per-resolution scenes under `root`, sorted by name; `fmt` is the layout
+    recorded in the output (`synthetic`, or `majortom` for Major-TOM cells)."""
     groups = [g for g in scan_groups(root) if g.has_s2 and g.name not in exclude]
     want_s1 = any(g.s1 for g in groups)
     class_names = read_class_names(root)
@@ -133,8 +136,8 @@ def read(root: Path, *, skip_bad: bool = False, exclude: frozenset[str] = frozen
         return s2_scene(g.name, band_files, B.S2_BANDS, s1_files=g.s1, scl=g.scl,
                         label=g.label, folder=str(g.folder))
 
-    scenes, skipped = collect(groups, build, skip_bad, progress, desc="synthetic")
-    require_scenes(scenes, skipped, root, FMT,
+    scenes, skipped = collect(groups, build, skip_bad, progress, desc=fmt)
+    require_scenes(scenes, skipped, root, fmt,
                    "expected folders with <scene>_B02.tif ... or <scene>_R10m.tif")
-    return SceneSet(scenes=scenes, class_names=class_names, fmt=FMT, s2_bands=B.S2_BANDS,
+    return SceneSet(scenes=scenes, class_names=class_names, fmt=fmt, s2_bands=B.S2_BANDS,
                     s1_bands=B.S1_BANDS if want_s1 else (), skipped=skipped)

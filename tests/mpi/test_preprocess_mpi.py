@@ -107,6 +107,30 @@ def test_killed_run_resumes_without_lost_or_duplicated_patches(run_mpi, scenes, 
     assert_same(reference, content(out))
 
 
+# Runs the driver on every rank and prints each rank's own exit status.
+EXIT_PER_RANK = ("import sys; from mpi4py import MPI; from preprocess.main import main; "
+                 "rc = main(sys.argv[1:]); print(f'rank {MPI.COMM_WORLD.Get_rank()} exits {rc}', "
+                 "flush=True); sys.exit(rc)")
+
+
+def test_existing_output_is_refused_by_every_rank_without_force(run_mpi, scenes, reference,
+                                                                 tmp_path):
+    out = tmp_path / "x.h5"
+    out.write_bytes(b"an earlier result")
+    args = ["--input", str(scenes), "--output", str(out), "--patch-size", str(P), "--no-progress"]
+    proc = run_mpi(2, [sys.executable, "-c", EXIT_PER_RANK, *args], timeout=120, check=False)
+    assert proc.returncode != 0
+    assert sorted(line for line in proc.stdout.splitlines() if " exits " in line) == [
+        "rank 0 exits 2", "rank 1 exits 2"], proc.stdout + proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
+    assert errors == [f"hpcsrl-preprocess: error: --output {out}: already exists; pass --force "
+                      "to replace it"], proc.stderr
+    assert out.read_bytes() == b"an earlier result"
+    assert not (tmp_path / "x.h5.shards").exists()
+    preprocess(run_mpi, 2, scenes, out, "--force")
+    assert_same(reference, content(out))
+
+
 def test_bad_file_on_one_rank_stops_all_ranks_with_one_message(run_mpi, scenes, tmp_path):
     bad = tmp_path / "bad"
     bad.mkdir()
