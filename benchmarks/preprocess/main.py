@@ -15,6 +15,7 @@ import argparse
 import csv
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -48,7 +49,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--patch-size", type=int, default=120)
     p.add_argument("--ranks", default="1,2", help="rank counts to time under mpirun")
-    p.add_argument("--repeats", type=int, default=3, help="timed runs per rank count (best kept)")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="timed pairs: rank counts run interleaved (1, 2, 1, 2, ...), and each "
+                   "repeat's ratio is kept; the median and min/max of these are reported")
     p.add_argument("--balance-ranks", default="2,4,8,16,32,72",
                    help="rank counts for the (pure) balance comparison")
     p.add_argument("--paper-scenes", type=int, default=125,
@@ -105,6 +108,10 @@ def time_run(n: int, scenes: Path, out: Path, args: argparse.Namespace) -> dict:
             "cpu_max": max(cpu), "cpu_sum": sum(cpu), "load": load_before}
 
 
+FIELDS = ["kind", "scene_set", "scenes", "patches", "strategy", "ranks", "max_load", "balance",
+          "repeat", "seconds", "wall", "all_seconds", "patches_per_s", "paired_ratios",
+          "speedup_median", "speedup_min", "speedup_max", "cpu_max_rank", "cpu_sum",
+          "cpu_speedup_median", "loadavg_1m", "cpu_capacity_2proc"]
 BUSY = ("import time\nc = time.process_time()\nwhile time.process_time() - c < {cpu}: pass\n")
 
 
@@ -167,19 +174,27 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.set_title(f"balance, {set_name} set ({n} scenes)")
         ax.legend(fontsize=8)
     thr = sorted((r for r in rows if r["kind"] == "throughput"), key=lambda r: r["ranks"])
-    ax3.bar([str(r["ranks"]) for r in thr], [r["patches_per_s"] for r in thr], color="tab:blue")
+    med = [r["speedup_median"] for r in thr]
+    err = [[m - r["speedup_min"] for m, r in zip(med, thr, strict=True)],
+           [r["speedup_max"] - m for m, r in zip(med, thr, strict=True)]]
+    ax3.bar([str(r["ranks"]) for r in thr], med, yerr=err, capsize=6, color="tab:blue")
     for i, r in enumerate(thr):
-        ax3.text(i, r["patches_per_s"], f"{r['patches_per_s']:.0f} patches/s\nwall x"
-                 f"{r['speedup']:.2f}, CPU-bound x{r['cpu_speedup']:.2f}",
-                 ha="center", va="bottom", fontsize=8)
+        ax3.text(i, r["speedup_max"], f"x{r['speedup_median']:.2f} (median of pairs)\n"
+                 f"{r['patches_per_s']:.0f} patches/s", ha="center", va="bottom", fontsize=8)
     ax3.set_xlabel("MPI ranks (2 shared cores)")
-    ax3.set_ylabel("patches / s")
-    ax3.set_title("hpcsrl-preprocess throughput")
+    ax3.set_ylabel("speed-up (paired runs; bars: min-max)")
+    ax3.set_title("hpcsrl-preprocess, interleaved paired runs")
     ax3.margins(y=0.25)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
+
+
+def paired_ratios(runs: dict[int, list[dict]], base_n: int, n: int) -> list[float]:
+    """Per repeat, the base rank count's time over n ranks' time in that same repeat: the pair ran
+    back to back, so load from other users that drifts between repeats cancels in each ratio."""
+    return [b["seconds"] / r["seconds"] for b, r in zip(runs[base_n], runs[n], strict=True)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -197,45 +212,53 @@ def main(argv: list[str] | None = None) -> int:
     rows = balance_rows("generated", counts, ranks)
     rows += balance_rows("paper-sized", paper_sized_counts(args), ranks)
 
-    # Rank counts interleaved per repeat, so drifting load from other users hits all alike.
+    # Rank counts interleaved (1, 2, 1, 2, ...): each repeat is a back-to-back pair.
     rank_counts = [int(x) for x in args.ranks.split(",")]
     runs: dict[int, list[dict]] = {n: [] for n in rank_counts}
-    capacity = []
     for rep in range(args.repeats):
-        capacity.append(cpu_capacity())
+        capacity = cpu_capacity()
         for n in rank_counts:
-            runs[n].append(time_run(n, scenes, args.work / f"np{n}.h5", args))
-            log.info("repeat %d, %d rank(s): %.2f s (load %.1f)", rep, n,
-                     runs[n][-1]["seconds"], runs[n][-1]["load"])
-    base = base_cpu = None
+            run = time_run(n, scenes, args.work / f"np{n}.h5", args)
+            run["capacity"] = capacity
+            runs[n].append(run)
+            log.info("repeat %d, %d rank(s): %.2f s, busiest rank %.2f CPU-s (load %.2f)", rep,
+                     n, run["seconds"], run["cpu_max"], run["load"])
+            rows.append({"kind": "run", "scene_set": "generated", "scenes": len(counts),
+                         "patches": run["tiled"], "strategy": "split", "ranks": n,
+                         "repeat": rep, "seconds": round(run["seconds"], 3),
+                         "wall": round(run["wall"], 3), "cpu_max_rank": round(run["cpu_max"], 3),
+                         "cpu_sum": round(run["cpu_sum"], 3), "loadavg_1m": round(run["load"], 2),
+                         "cpu_capacity_2proc": capacity})
+    base_n = rank_counts[0]
     for n in rank_counts:
-        best = min(runs[n], key=lambda r: r["seconds"])
-        rate = best["tiled"] / best["seconds"]
-        base = rate if base is None else base
-        # CPU-bound view: the busiest rank's CPU seconds; what the speedup would be on idle cores
-        cpu = min(r["cpu_max"] for r in runs[n])
-        base_cpu = cpu if base_cpu is None else base_cpu
+        ratios = paired_ratios(runs, base_n, n)
+        cpu_ratios = [b["cpu_max"] / r["cpu_max"] for b, r in
+                      zip(runs[base_n], runs[n], strict=True)]
+        med = statistics.median(r["seconds"] for r in runs[n])
         rows.append({"kind": "throughput", "scene_set": "generated", "scenes": len(counts),
-                     "patches": best["tiled"], "strategy": "split", "ranks": n,
-                     "seconds": round(best["seconds"], 3), "wall": round(best["wall"], 3),
+                     "patches": runs[n][0]["tiled"], "strategy": "split", "ranks": n,
+                     "seconds": round(med, 3),
                      "all_seconds": " ".join(f"{r['seconds']:.2f}" for r in runs[n]),
-                     "patches_per_s": round(rate, 1), "speedup": round(rate / base, 3),
-                     "cpu_max_rank": round(cpu, 3), "cpu_speedup": round(base_cpu / cpu, 3),
-                     "load_avg": round(sum(r["load"] for r in runs[n]) / len(runs[n]), 2),
-                     "cpu_capacity_2proc": " ".join(f"{c:.2f}" for c in capacity)})
-        log.info("%d rank(s): %.1f patches/s (runs %s s)", n, rate, rows[-1]["all_seconds"])
+                     "patches_per_s": round(runs[n][0]["tiled"] / med, 1),
+                     "paired_ratios": " ".join(f"{x:.3f}" for x in ratios),
+                     "speedup_median": round(statistics.median(ratios), 3),
+                     "speedup_min": round(min(ratios), 3), "speedup_max": round(max(ratios), 3),
+                     "cpu_max_rank": round(statistics.median(r["cpu_max"] for r in runs[n]), 3),
+                     "cpu_speedup_median": round(statistics.median(cpu_ratios), 3),
+                     "loadavg_1m": " ".join(f"{r['load']:.2f}" for r in runs[n]),
+                     "cpu_capacity_2proc": " ".join(f"{r['capacity']:.2f}" for r in runs[n])})
+        log.info("%d rank(s) vs %d: paired speedup median %.3f (min %.3f, max %.3f) over %d "
+                 "pairs", n, base_n, statistics.median(ratios), min(ratios), max(ratios),
+                 len(ratios))
 
     args.results.mkdir(parents=True, exist_ok=True)
-    fields = ["kind", "scene_set", "scenes", "patches", "strategy", "ranks", "max_load",
-              "balance", "seconds", "wall", "all_seconds", "patches_per_s", "speedup",
-              "cpu_max_rank", "cpu_speedup", "load_avg", "cpu_capacity_2proc"]
     with atomic_path(args.results / "preprocess.csv") as tmp, open(tmp, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=fields)
+        w = csv.DictWriter(fh, fieldnames=FIELDS)
         w.writeheader()
         w.writerows(rows)
     plot(rows, args.results / "preprocess.png")
     for r in rows:
-        print(", ".join(f"{k}={r[k]}" for k in fields if k in r))
+        print(", ".join(f"{k}={r[k]}" for k in FIELDS if k in r))
     return 0
 
 
