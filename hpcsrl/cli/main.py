@@ -15,6 +15,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("evaluate", "freeze / fine-tune evaluation with few labels"),
     "profile": ("profile", "CWB per-unit profile of a model (time, memory, transfer bytes)"),
     "plan": ("plan", "CWB partition plan from a profile and a cluster description"),
+    "dhp": ("dhp", "hybrid-parallel pipeline training of a plan over MPI ranks (DHP)"),
 }
 
 

@@ -1,0 +1,70 @@
+"""Weighted averaging of a stage's replicas on the stage communicator (parameters, BatchNorm
+statistics, SGD momentum), weighted by the mini-batches each replica ran since the last time.
+
+Replicas of a dynamic stage run different counts (e.g. 329/331/340 in the paper's Table 6), so a
+plain mean would over-weight the replica that learned least. The weighted sum is reduced to
+replica 0 and broadcast, so every replica ends bit-identical (an allreduce may round differently
+on different ranks). Integer buffers (BatchNorm's batch counters) add up their increments.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from mpi4py import MPI
+from torch import Tensor
+
+from hpcsrl.pipeline.transport import Pending
+
+
+class Aggregator:
+    def __init__(self, comm: MPI.Comm, wait: Callable[[Pending, str], None]) -> None:
+        self.comm, self.wait = comm, wait
+        self._base: list[Tensor] | None = None
+
+    def __call__(self, state: list[Tensor], counters: list[Tensor], processed: int,
+                 what: str) -> float:
+        """Average `state` in place with weight processed / sum(processed); returns the weight."""
+        if self._base is None:
+            self._base = [c.clone() for c in counters]
+        if self.comm.Get_size() == 1:
+            self._base = [c.clone() for c in counters]
+            return 1.0
+        n = np.array([processed], dtype=np.int64)
+        total = np.zeros(1, dtype=np.int64)
+        self.wait(Pending([self.comm.Iallreduce(n, total, op=MPI.SUM)]), what)
+        size = self.comm.Get_size()
+        w = processed / int(total[0]) if total[0] > 0 else 1.0 / size
+        if state:
+            flat = torch.cat([t.detach().reshape(-1).double() for t in state]) * w
+            summed = torch.empty_like(flat)
+            a, b = flat.numpy(), summed.numpy()
+            self.wait(Pending([self.comm.Ireduce(a, b, op=MPI.SUM, root=0)]), what)
+            self.wait(Pending([self.comm.Ibcast(b, root=0)]), what)
+            offset = 0
+            with torch.no_grad():
+                for t in state:
+                    k = t.numel()
+                    t.copy_(summed[offset:offset + k].view(t.shape).to(t.dtype))
+                    offset += k
+        if counters:
+            inc = np.array([int(c) - int(b) for c, b in zip(counters, self._base, strict=True)],
+                           dtype=np.int64)
+            out = np.zeros_like(inc)
+            self.wait(Pending([self.comm.Iallreduce(inc, out, op=MPI.SUM)]), what)
+            with torch.no_grad():
+                for c, b, d in zip(counters, self._base, out, strict=True):
+                    c.fill_(int(b) + int(d))
+            self._base = [c.clone() for c in counters]
+        return w
+
+
+def digest(tensors: list[Tensor]) -> str:
+    """A short hash of tensors' values (replicas of a stage must agree after aggregation)."""
+    h = hashlib.blake2b(digest_size=8)
+    for t in tensors:
+        h.update(t.detach().contiguous().numpy().tobytes())
+    return h.hexdigest()
