@@ -258,9 +258,9 @@ class Pretrainer:
             raise UserError(f"only {len(self.train_idx)} patch(es) to train on: need at least 2 "
                             "(check --limit and the HDF5 file)")
         ranks = self.dist.size
-        if ranks > len(self.train_idx):
-            raise UserError(f"{ranks} ranks but only {len(self.train_idx)} training patches: "
-                            "every rank needs patches of its own in each step; start at most "
+        if 2 * ranks > len(self.train_idx):
+            raise UserError(f"{ranks} ranks need at least {2 * ranks} training patches (2 per "
+                            f"rank and step) but there are {len(self.train_idx)}: start at most "
                             f"{len(self.train_idx) // 2} ranks (or use more data)")
         check_batch_size(len(self.train_idx), cfg.batch_size)
         if cfg.batch_size % ranks:
