@@ -61,7 +61,9 @@ def evaluation_line(report_csv: Path) -> str:
     verdict = "; ".join(f"{enc} does NOT beat the {FLOORS[floor]} at {', '.join(fracs)} labels"
                         for (enc, floor), fracs in misses.items())
     verdict = verdict or "the encoder beats both floors at every fraction"
-    return f"evaluation OA: {'; '.join(parts)} -> {verdict}"
+    n_test = {row.get("n_test") for row in rows} - {None, ""}
+    where = f" ({n_test.pop()} test patches)" if len(n_test) == 1 else ""
+    return f"evaluation, test OA{where}: {'; '.join(parts)} -> {verdict}"
 
 
 def plan_line(plan_json: Path) -> str:

@@ -27,11 +27,11 @@ def write_demo_out(out: Path, encoder_oa: tuple[float, float]) -> Path:
         f.attrs["assignment"] = json.dumps([[[0, 0, 50]], [[0, 50, 60], [1, 0, 40]]])
         f.attrs["scene_names"] = ["a", "b"]
         f.attrs["balance"] = 1.0
-    rows = ["encoder,mode,fraction,oa,kappa",
-            f"lite-srl,freeze,0.1000,{encoder_oa[0]},0.1",
-            f"lite-srl,freeze,0.2000,{encoder_oa[1]},0.1",
-            "random-init,freeze,0.1000,0.4000,0.1", "random-init,freeze,0.2000,0.4500,0.1",
-            "channel-stats,knn,0.1000,0.6000,0.1", "channel-stats,knn,0.2000,0.6000,0.1"]
+    rows = ["encoder,mode,fraction,oa,val_oa,n_test",
+            f"lite-srl,freeze,0.1000,{encoder_oa[0]},0.99,40",
+            f"lite-srl,freeze,0.2000,{encoder_oa[1]},0.99,40",
+            "random-init,freeze,0.1000,0.4000,0.99,40", "random-init,freeze,0.2000,0.4500,0.99,40",
+            "channel-stats,knn,0.1000,0.6000,0.99,40", "channel-stats,knn,0.2000,0.6000,0.99,40"]
     (out / "eval" / "report.csv").write_text("\n".join(rows) + "\n")
     stages = [{"first_unit": 0, "last_unit": 9}, {"first_unit": 10, "last_unit": 27}]
     (out / "plan.json").write_text(json.dumps({
@@ -49,8 +49,8 @@ def test_three_lines_and_a_plain_verdict_when_a_floor_is_not_beaten(tmp_path, ca
     assert lines[0].startswith("patches: 97 written from 2 scenes by 2 MPI ranks (of 100 "
                                "positions, the rest cloudy or no-data)")
     assert "50 / 50" in lines[0] and "balance 1.000" in lines[0]
-    assert ("10 % labels: lite-srl (freeze) 0.500, random-init 0.400, channel-stats 0.600"
-            in lines[1])
+    assert lines[1].startswith("evaluation, test OA (40 test patches): 10 % labels: lite-srl "
+                               "(freeze) 0.500, random-init 0.400, channel-stats 0.600; 20 %")
     assert lines[1].endswith("-> lite-srl (freeze) does NOT beat the channel-statistics k-NN at "
                              "10 % labels")  # at 20 % it does (0.700 > 0.600)
     assert "random-init encoder" not in lines[1]  # it does beat that floor
