@@ -253,8 +253,13 @@ def pretrain_dataset(args: argparse.Namespace, write_split: bool = True):
     from hpcsrl.data.splits import Layout, SplitPatches, resolve_split
     from hpcsrl.log import get_logger
 
-    split = resolve_split(args.split or Path(args.out) / "split.json", Layout.read(args.data),
-                          split_options(args), write=write_split)
+    path = Path(args.split or Path(args.out) / "split.json")
+    try:
+        split = resolve_split(path, Layout.read(args.data), split_options(args),
+                              write=write_split)
+    except OSError as exc:
+        raise UserError(f"{path.parent}: cannot write {path.name} there ({exc.strerror}): "
+                        "choose a writable --out (or --split)") from None
     ds = SplitPatches(args.data, args.bands, split, args.pretrain_on)
     get_logger("hpcsrl.pretrain").info(
         "split %s (%s, digest %s): pre-training reads %s, %d of %d patches", split.path,
