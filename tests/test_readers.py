@@ -12,8 +12,9 @@ from osgeo import gdal, osr
 
 from hpcsrl.data import bands as B
 from hpcsrl.errors import UserError
-from preprocess.readers import detect_format, discover, read_name_list
+from preprocess.readers import detect_format, discover, probe_candidates, read_name_list
 from preprocess.readers.bigearthnet import CORINE_43
+from preprocess.readers.raster import prefetched, probe_many
 from preprocess.synth import SynthConfig, generate, write_geotiff
 
 gdal.UseExceptions()
@@ -100,6 +101,34 @@ def test_truncated_geotiff(scene_copy):
     f.write_bytes(data[: len(data) * 2 // 3])
     with pytest.raises(UserError, match=rf"{name}_B03\.tif: .*truncated"):
         discover(root)
+
+
+def test_probing_ahead_gives_the_same_scenes_and_errors(scene_copy, tmp_path):
+    """Ranks probe the files a reader will probe (probe_candidates, probe_many) and the reader
+    uses those results (prefetched): the same SceneSet, the same error, files opened once."""
+    root, name, other = scene_copy
+    files, config = probe_candidates(root)
+    assert config == {} and len(files) == 2 * (12 + 4)  # 12 bands, SCL, label, VV, VH
+    ahead = probe_many(files)
+    assert set(ahead) == set(files)
+    with prefetched(ahead):
+        assert discover(root) == discover(root)  # the second call probes again
+    bad = root / name / f"{name}_B03.tif"
+    good = bad.read_bytes()
+    bad.write_bytes(good[:1000])
+    ahead = probe_many(files)
+    assert ahead[str(bad)][0] == str(bad) and "truncated" in ahead[str(bad)][1]
+    bad.write_bytes(good)  # the reader must take the prefetched answer, not open the file again
+    with prefetched(ahead), pytest.raises(UserError, match=rf"{name}_B03\.tif: .*truncated"):
+        discover(root)
+    with prefetched(ahead):
+        ss = discover(root, skip_bad=True)
+    assert [s.name for s in ss.scenes] == [other] and "truncated" in ss.skipped[0][1]
+    chips = tmp_path / "chips"
+    make_chips(chips, {"Forest": 2})
+    files, config = probe_candidates(chips)
+    assert len(files) == 2 and config == {"GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR"}
+    assert probe_candidates(chips, fmt="safe") == ([], {})
 
 
 def test_corrupt_header(scene_copy):

@@ -143,6 +143,29 @@ def detect_format(root: str | os.PathLike) -> str:
                     f"{', '.join(FORMATS)} — pass the format explicitly if it is one of them")
 
 
+def probe_candidates(root: str | os.PathLike, fmt: str = "auto"
+                     ) -> tuple[list[str], dict[str, str]]:
+    """The raster files the reader of `root` will `probe`, so that several ranks can probe them
+    ahead (`raster.probe_many`, `raster.prefetched`), and the GDAL configuration the reader
+    probes them under. Empty for layouts whose reader opens its files otherwise (SAFE, S1)."""
+    root = require_folder(root)
+    if fmt == "auto":
+        fmt = detect_format(root)
+    if fmt in ("synthetic", "majortom", "bigearthnet"):
+        from preprocess.readers.synthetic import scan_groups
+
+        files = []
+        for g in scan_groups(root):
+            files += [*g.bands.values(), *g.per_res.values(), *g.s1.values()]
+            files += [f for f in (g.scl, g.label) if f]
+        return files, {}
+    if fmt == "chips":
+        from preprocess.readers.chips import READ_CONFIG, find_chips
+
+        return [str(path) for _, path in find_chips(root)], dict(READ_CONFIG)
+    return [], {}
+
+
 def discover(input_dir: str | os.PathLike, fmt: str = "auto", skip_bad: bool = False,
              exclude: str | os.PathLike | Iterable[str | os.PathLike] | None = None,
              progress: bool = False, **options) -> SceneSet:

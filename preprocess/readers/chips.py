@@ -23,6 +23,8 @@ from preprocess.scene import BandSource, Scene, SceneSet
 
 FMT = "chips"
 IMAGE_EXT = (".jpg", ".jpeg", ".png", ".tif", ".tiff")
+# Chips have no side-car files: GDAL need not list the (large) class folder at every open.
+READ_CONFIG = {"GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR"}
 
 
 def find_chips(root: Path) -> list[tuple[str, Path]]:
@@ -67,7 +69,7 @@ def read(root: Path, *, skip_bad: bool = False, exclude: frozenset[str] = frozen
                      s2={n: BandSource(str(path), i, 10) for n, i in names.items()},
                      scene_classes=(index[cls],), nodata=None)  # black pixels are data in chips
 
-    with gdal_config(GDAL_DISABLE_READDIR_ON_OPEN="EMPTY_DIR"):
+    with gdal_config(**READ_CONFIG):
         scenes, skipped = collect(chips, build, skip_bad, progress, desc="chips")
     require_scenes(scenes, skipped, root, FMT, "expected <root>/<Class>/<chip>.jpg|.tif")
     if len(kinds) > 1:

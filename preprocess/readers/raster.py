@@ -82,12 +82,46 @@ class RasterInfo:
         return abs(self.geotransform[1]) if self.geotransform else 1.0
 
 
+# Results of `probe(path)` computed ahead, e.g. by other MPI ranks (see `prefetched`).
+_AHEAD: dict[str, RasterInfo | tuple[str, str]] = {}
+
+
+def probe_many(paths: Iterable[str]) -> dict[str, RasterInfo | tuple[str, str]]:
+    """`probe(path)` of each path: its RasterInfo, or (path, reason) of its BadScene. Never
+    raises: an unexpected failure leaves the path out, for `probe` to meet it again."""
+    out: dict[str, RasterInfo | tuple[str, str]] = {}
+    for path in paths:
+        try:
+            out[path] = probe(path)
+        except BadScene as bad:
+            out[path] = (bad.path, bad.reason)
+        except Exception:  # noqa: BLE001, S112 - probed again (and reported) by the reader
+            continue
+    return out
+
+
+@contextlib.contextmanager
+def prefetched(results: dict[str, RasterInfo | tuple[str, str]]) -> Iterator[None]:
+    """Within the block, `probe(path)` answers from `results` (each at most once) instead of
+    opening the file again; probing is most of a reader's time (the CRS of every file)."""
+    _AHEAD.update(results)
+    try:
+        yield
+    finally:
+        _AHEAD.clear()
+
+
 def probe(path: str | os.PathLike, read_check: bool = True) -> RasterInfo:
     """Open `path` read-only, read its header and (by default) the bottom-right pixel per band.
 
     Nothing is written next to the input (no statistics, so no .aux.xml side-car files).
     """
     path = str(path)
+    if read_check and path in _AHEAD:
+        ahead = _AHEAD.pop(path)
+        if isinstance(ahead, RasterInfo):
+            return ahead
+        raise BadScene(*ahead)
     try:
         ds = gdal.Open(path, gdal.GA_ReadOnly)
     except RuntimeError as exc:
