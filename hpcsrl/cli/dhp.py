@@ -18,7 +18,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.epilog = EPILOG
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.add_argument("--plan", required=True, help="plan.json from `hpcsrl plan` (stages, replicas)")
-    p.add_argument("--data", required=True, help="patch HDF5 written by hpcsrl-preprocess")
+    p.add_argument("--data", default=None,
+                   help="patch HDF5 written by hpcsrl-preprocess (required unless --emulate)")
     p.add_argument("--out", required=True, help="run folder (checkpoint, report, assignment)")
     p.add_argument("--bands", default="rgb", help="band set: rgb, s2-10m, s2, s1, s1s2")
     p.add_argument("--chains", choices=("dynamic", "fixed"), default="dynamic",
@@ -56,15 +57,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="poll: Test() with a back-off sleep (default; never spins a core); "
                    "block: MPI's blocking waits (combine with --mca mpi_yield_when_idle 1)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per rank (default 1)")
+    p.add_argument("--emulate", default=None, metavar="PROFILE",
+                   help="sleep the profile's forward/backward times and send tensors of its cut "
+                   "sizes instead of computing (no data, model or checkpoint; --iterations only)")
+    p.add_argument("--time-scale", default="1", metavar="S",
+                   help="--emulate: multiply every profiled time by S (default 1)")
+    p.add_argument("--slowdown", action="append", default=[], metavar="RANK=F",
+                   help="--emulate: that rank's times are F times longer (repeatable)")
 
 
 def run(args: argparse.Namespace) -> int:
     from hpcsrl.cli.pretrain import parse_method_options
     from hpcsrl.errors import UserError
+    from hpcsrl.pipeline.emulate import parse_slowdown, parse_time_scale
     from hpcsrl.pipeline.run import DhpOptions
     from hpcsrl.pipeline.run import run as run_dhp
     from hpcsrl.planning.quantities import parse_sizes
 
+    if args.data is None and args.emulate is None:
+        raise UserError("--data is required (or --emulate PROFILE for an emulated run)")
+    if (args.slowdown or args.time_scale != "1") and args.emulate is None:
+        raise UserError("--time-scale and --slowdown go with --emulate PROFILE")
     memory = None
     if args.memory is not None:
         sizes = parse_sizes(args.memory, "--memory")
@@ -72,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
             raise UserError("--memory takes one size for every node")
         memory = sizes[0]
     options = parse_method_options(args.method, args.method_option) if args.method else {}
-    o = DhpOptions(plan=args.plan, data=args.data, out=args.out, bands=args.bands,
+    o = DhpOptions(plan=args.plan, data=args.data or "", out=args.out, bands=args.bands,
                    chains=args.chains, iterations=args.iterations, epochs=args.epochs,
                    aggregate_every=args.aggregate_every, resume=args.resume,
                    stop_after=args.stop_after, timeout=args.timeout, memory=memory,
@@ -80,5 +93,7 @@ def run(args: argparse.Namespace) -> int:
                    input_size=args.input_size, lr=args.lr, weight_decay=args.weight_decay,
                    momentum=args.momentum, seed=args.seed, limit=args.limit,
                    monitor_samples=args.monitor_samples, augment=args.augment,
-                   method_options=options, wait=args.wait, threads=args.threads)
+                   method_options=options, wait=args.wait, threads=args.threads,
+                   emulate=args.emulate, time_scale=parse_time_scale(args.time_scale),
+                   slowdown=parse_slowdown(args.slowdown))
     return run_dhp(o)

@@ -79,6 +79,9 @@ class DhpOptions:
     method_options: dict[str, Any] = field(default_factory=dict)
     wait: str = "poll"
     threads: int = 1
+    emulate: str | None = None   # a profile: sleep its times instead of computing (emulate.py)
+    time_scale: float = 1.0
+    slowdown: dict[int, float] = field(default_factory=dict)
 
 
 # --- checks on rank 0 ------------------------------------------------------------------------
@@ -283,7 +286,12 @@ def run(o: DhpOptions) -> int:
     lock = None
     if rank == 0:
         try:
-            spec = check_run(o, size)
+            if o.emulate:
+                from hpcsrl.pipeline.emulate import check_emulated_run
+
+                spec = check_emulated_run(o, size)
+            else:
+                spec = check_run(o, size)
             lock = spec.pop("lock")
         except UserError as exc:
             spec = {"error": str(exc)}
@@ -312,26 +320,31 @@ def _run(o: DhpOptions, world: MPI.Comm, spec: dict[str, Any], log: Any) -> int:
     err = None
     compute = None
     try:
-        torch.manual_seed(cfg.seed)  # every rank builds the same initial model
-        model = model_from_config(spec["config"])
-        model.to(memory_format=torch.channels_last)
-        model.train()
-        part = slice_stage(model, *bounds[stage])
-        specs = describe_cuts(spec["config"], cfg.batch_size, spec["channels"], cfg.input_size,
-                              spec["cuts"])
-        in_spec = specs[stage - 1] if stage > 0 else None
-        out_spec = specs[stage] if stage < layout.stages - 1 else None
-        from hpcsrl.train.optim import make_optimizer
+        if "emulate" in spec:  # profiled sleeps and cut sizes instead of the model
+            from hpcsrl.pipeline.emulate import emulated_stage
 
-        opt = make_optimizer(part.params, cfg)
+            compute = emulated_stage(spec, stage, rank)
+        else:
+            torch.manual_seed(cfg.seed)  # every rank builds the same initial model
+            model = model_from_config(spec["config"])
+            model.to(memory_format=torch.channels_last)
+            model.train()
+            part = slice_stage(model, *bounds[stage])
+            specs = describe_cuts(spec["config"], cfg.batch_size, spec["channels"], cfg.input_size,
+                                  spec["cuts"])
+            in_spec = specs[stage - 1] if stage > 0 else None
+            out_spec = specs[stage] if stage < layout.stages - 1 else None
+            from hpcsrl.train.optim import make_optimizer
 
-        def lr_at(mb: int) -> float:
-            return cfg.base_lr * lr_factor(total, mb)
+            opt = make_optimizer(part.params, cfg)
 
-        source = _data_source(o, cfg, model, spec["steps_per_epoch"]) if stage == 0 else None
-        compute = TorchStage(part, in_spec, out_spec, opt, lr_at, source)
-        if stage != 0:
-            del model
+            def lr_at(mb: int) -> float:
+                return cfg.base_lr * lr_factor(total, mb)
+
+            source = _data_source(o, cfg, model, spec["steps_per_epoch"]) if stage == 0 else None
+            compute = TorchStage(part, in_spec, out_spec, opt, lr_at, source)
+            if stage != 0:
+                del model
     except UserError as exc:
         err = f"rank {rank}: {exc}"
     errors = world.allgather(err)
@@ -365,7 +378,8 @@ def _run(o: DhpOptions, world: MPI.Comm, spec: dict[str, Any], log: Any) -> int:
         digests.append(digest([*compute.state(), *compute.counters()]))
         st = worker.stats
         msg = {"rank": rank, "loss_sum": st.loss_sum, "loss_n": st.loss_n,
-               "part": stage_part(compute) if replica == 0 else None}
+               "part": stage_part(compute) if replica == 0 and "emulate" not in spec
+               else None}
         st.loss_sum, st.loss_n = 0.0, 0
         got = _gather(comms.ckpt, msg, waiter, "sending its stage to rank 0 for the checkpoint")
         if writer is not None and got is not None:
@@ -494,6 +508,11 @@ class _Writer:
         # ids are issued in windows of K from `first`: round r ends at first + r K (or the end)
         it = self.spec["end"] if final else min(
             self.spec["end"], self.spec["first"] + round_ * self.o.aggregate_every)
+        if "emulate" in self.spec:  # no model to save: the assignment and a log line
+            self._write_assignment(it)
+            self.log.info("iteration %d/%d (emulated)%s", it, self.spec["total"],
+                          "  (final)" if final else "")
+            return
         parts = [m["part"] for m in msgs if m["part"] is not None]
         state = assemble(self.spec["config"], parts, self.cfg, self.spec["total"], it)
         loss_n = sum(m["loss_n"] for m in msgs)
@@ -545,7 +564,7 @@ class _Writer:
             "bound_per_s": plan.get("throughput_bound_per_s"),
             "replicas": list(self.layout.replicas), "cuts": self.spec["cuts"],
             "aggregate_every": self.o.aggregate_every, "wait_mode": self.o.wait,
-            "scheduler_events": events,
+            "emulate": self.spec.get("emulate"), "scheduler_events": events,
             "scheduler_ms_per_minibatch": 1e3 * sched_s / max(1, iterations),
             "assignment": ASSIGNMENT_CSV, "checkpoint": CHECKPOINT,
             "ranks": rows}
