@@ -1,0 +1,129 @@
+"""A heterogeneous cluster, emulated: one of six nodes (a partition-1 node, rank 1) 1.5x and 2x
+slower, fixed 2x3 chains against dynamic 3/2/1, with the paper's per-node times.
+
+    flock /tmp/hpcsrl-bench.lock python benchmarks/dhp/hetero.py     # ~12 min
+
+Model (one mini-batch per node, as the planner's bound): a node is held for its own forward and
+backward plus everything downstream, L; a stage serves sum over its nodes of 1/L; throughput is
+the smallest stage's. The slow node's L grows by (F-1) x its own time. Fixed chains lose that on
+the slow node's whole chain; dynamic chains lose only the slow node's capacity in its stage, at
+most its share of the stage's work: (1/3) x (1 - L/L') here. Writes results/hetero.csv and
+hetero.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (  # noqa: E402
+    PROFILES,
+    RESULTS,
+    allocation_plan,
+    hpcsrl_plan,
+    per_rank,
+    run_dhp,
+    scaled_profile,
+    write_csv,
+)
+
+
+def model_rate(times: list[float], replicas: list[int], slow: int, factor: float,
+               fixed: bool) -> float:
+    """Throughput of the one-mini-batch-per-node model with rank `slow` `factor` times slower
+    (downstream nodes taken at their nominal times)."""
+    stage_of = [s for s, r in enumerate(replicas) for _ in range(r)]
+    extra = [(factor - 1) * times[stage_of[r]] if r == slow else 0.0
+             for r in range(len(stage_of))]
+    if fixed:  # chain k = replica k of every stage, one mini-batch at a time through all of it
+        first = [sum(replicas[:s]) for s in range(len(replicas))]
+        return sum(1 / (sum(times) + sum(extra[first[s] + k] for s in range(len(times))))
+                   for k in range(replicas[0]))
+    return min(sum(1 / (sum(times[s:]) + extra[r]) for r in range(len(stage_of))
+                   if stage_of[r] == s) for s in range(len(replicas)))
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--profile", type=Path, default=PROFILES / "paper_table5.json")
+    p.add_argument("--time-scale", type=float, default=0.1)
+    p.add_argument("--iterations", type=int, default=300)
+    p.add_argument("--aggregate-every", type=int, default=100)
+    p.add_argument("--slow-rank", type=int, default=1)
+    p.add_argument("--factors", default="1,1.5,2")
+    p.add_argument("--runs", type=Path, default=Path("/tmp/hpcsrl-dhp-bench/hetero"))
+    p.add_argument("--out-dir", type=Path, default=RESULTS)
+    a = p.parse_args()
+
+    scaled = scaled_profile(a.profile, a.time_scale, a.runs / "profile_scaled.json")
+    plan = hpcsrl_plan(scaled, a.runs / "plan.json", devices=3, total=6, bandwidth="1000GB/s")
+    allocation_plan(scaled, plan, [2, 2, 2], a.runs / "plan_2-2-2.json")
+    units = json.loads(scaled.read_text())["units"]
+    times = [u["forward_s"] + u["backward_s"] for u in units]
+    rows, base = [], {}
+    for factor in (float(f) for f in a.factors.split(",")):
+        for mode, path, reps in (("fixed", "plan_2-2-2.json", [2, 2, 2]),
+                                 ("dynamic", "plan.json", [3, 2, 1])):
+            slow = {a.slow_rank: factor} if factor != 1 else {}
+            rep = run_dhp(a.runs / path, a.profile, a.runs / f"{mode}_x{factor:g}",
+                          a.iterations, chains=mode, aggregate_every=a.aggregate_every,
+                          time_scale=a.time_scale, slowdown=slow)
+            model = model_rate(times, reps, a.slow_rank, factor, mode == "fixed")
+            tp = rep["throughput_per_s"]
+            if factor == 1:
+                base[mode] = (tp, model)
+            nodes = per_rank(rep, a.time_scale)
+            rows.append({
+                "chains": mode, "replicas": "/".join(map(str, reps)), "slow_rank": a.slow_rank,
+                "slow_stage": nodes[a.slow_rank]["partition"] - 1, "factor": factor,
+                "iterations": rep["iterations"], "wall_s": rep["wall_s"],
+                "throughput_per_s": round(tp, 4), "model_per_s": round(model, 4),
+                "of_model": round(tp / model, 4),
+                "loss_pct": round(100 * (1 - tp / base[mode][0]), 2),
+                "model_loss_pct": round(100 * (1 - model / base[mode][1]), 2),
+                "slow_node_iterations": nodes[a.slow_rank]["iterations"],
+                "iterations_per_rank": " ".join(str(n["iterations"]) for n in nodes),
+                "load_before": rep["load_before"], "load_after": rep["load_after"]})
+    share = {}
+    for r in rows:  # the dynamic bound of issue 9: no more than the slow node's share of work
+        if r["chains"] == "dynamic" and r["factor"] != 1:
+            l0 = sum(times[r["slow_stage"]:])
+            l1 = l0 + (r["factor"] - 1) * times[r["slow_stage"]]
+            share[r["factor"]] = 100 * (1 - l0 / l1) / 3
+        r["node_share_loss_pct"] = round(share.get(r["factor"], 0.0), 2)
+    write_csv(a.out_dir / "hetero.csv", rows)
+    for r in rows:
+        print(f"{r['chains']:8s} x{r['factor']:<4g} {r['throughput_per_s']:.3f}/s (model "
+              f"{r['model_per_s']:.3f}), loss {r['loss_pct']:.1f} % (model "
+              f"{r['model_loss_pct']:.1f} %, slow node's share {r['node_share_loss_pct']:.1f} %)"
+              f", slow node ran {r['slow_node_iterations']}")
+    plot(a.out_dir / "hetero.png", rows)
+    return 0
+
+
+def plot(path: Path, rows: list[dict]) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for mode, col in (("fixed", "tab:gray"), ("dynamic", "tab:blue")):
+        rs = [r for r in rows if r["chains"] == mode]
+        ax.plot([r["factor"] for r in rs], [r["throughput_per_s"] for r in rs], "o-", color=col,
+                label=f"{mode} (measured)")
+        ax.plot([r["factor"] for r in rs], [r["model_per_s"] for r in rs], "x--", color=col,
+                label=f"{mode} (model)")
+    ax.set_xlabel("slowdown of one partition-1 node")
+    ax.set_ylabel("mini-batches / s (emulated time)")
+    ax.set_title("One slow node of six: fixed 2x3 vs dynamic 3/2/1")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
