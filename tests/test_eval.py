@@ -481,3 +481,37 @@ def test_ssl_compare_benchmark_smoke(tmp_path):
     assert float(rows["lite-srl"]["params_ratio"]) < 0.6
     assert float(rows["lite-srl"]["mem_mb"]) > 0 and float(rows["simsiam"]["iter_ms"]) > 0
     assert (tmp_path / "ssl_compare.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_eurosat_benchmark_smoke(tmp_path):
+    """The EuroSAT study end to end on a tiny file and budget: CSV, chart and summary, every
+    row with validation and test figures, pre-training on the pool only."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    main_py = Path(__file__).resolve().parents[1] / "benchmarks" / "eurosat" / "main.py"
+    spec = importlib.util.spec_from_file_location("eurosat_main", main_py)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    data = tmp_path / "chips.h5"
+    write_rgb_h5(data, n=90, p=32)
+    out = tmp_path / "study"
+    assert bench.main(["--data", str(data), "--out", str(out), "--minutes", "0.05",
+                       "--methods", "lite-srl,simsiam", "--stem", "imagenet",
+                       "--batch-size", "8", "--snapshots", "2", "--calibration-batches", "1",
+                       "--precise-bn", "8", "--monitor-samples", "8", "--probe-epochs", "2",
+                       "--probe-weight-decay", "0,1e-3", "--finetune-epochs", "1",
+                       "--fractions", "0.2,0.5", "--finetune-fractions", "0.5"]) == 0
+    rows = read_csv(out / "study.csv")
+    encoders = {r["encoder"] for r in rows}
+    assert {"random-init", "channel-stats"} <= encoders
+    assert {r["method"] for r in rows} >= {"lite-srl", "simsiam"}
+    assert all(r["val_oa"] and r["oa"] and r["selected"] for r in rows)
+    assert {r["mode"] for r in rows} == {"freeze", "finetune", "knn"}
+    assert (out / "oa_vs_minutes.png").stat().st_size > 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["split"]["digest"] == json.loads((out / "split.json").read_text())["digest"]
+    ckpt = torch.load(out / "pretrain" / "lite-srl" / "run" / "checkpoint.pt", weights_only=False)
+    assert ckpt["data"]["split"]["pretrain_on"] == "pool"

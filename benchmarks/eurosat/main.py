@@ -1,0 +1,359 @@
+"""EuroSAT few-label study at a fixed pre-training budget: OA against pre-training minutes.
+
+One command: draw (or reuse) the test / validation / pool split, pre-train Lite-SRL and SimSiam
+with the same recipe for the same wall-clock minutes on the pool only (side by side, one core
+each), snapshot each encoder at evenly spaced minutes, then evaluate every snapshot with a frozen
+linear probe at 10 / 20 / 50 % labels and the final encoders fine-tuned at 10 / 20 %, beside the
+random-init and channel-statistics floors. Every choice (probe weight decay and epochs, input
+size, k of the floor) is made on the validation part; the test part is scored once per row.
+
+    python benchmarks/eurosat/main.py --data eurosat_rgb.h5 --minutes 120 \\
+        --out benchmarks/eurosat/results/budget120
+
+Writes OUT/study.csv (one row per encoder x snapshot x mode x fraction: validation and test
+figures and the chosen setting), OUT/oa_vs_minutes.png, OUT/summary.json (budget, seed, recipe,
+epochs reached, the validation figures that chose) and the protocol's own reports under
+OUT/eval_freeze and OUT/eval_finetune. Re-running with the same --out reuses finished
+pre-trainings (the split and the recipe must match).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+METHODS = ("lite-srl", "simsiam")
+STUDY_COLUMNS = ("encoder", "method", "minutes", "epoch", "mode", "fraction", "val_oa", "oa",
+                 "kappa", "macro_f1", "selected", "n_train", "n_val", "n_test")
+RECIPE_KEYS = ("methods", "backbone", "stem", "batch_size", "input_size", "lr", "augment",
+               "precise_bn", "monitor_samples", "minutes", "limit", "split_seed", "seed")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True, help="EuroSAT RGB patch HDF5 (hpcsrl-preprocess)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--minutes", type=float, required=True,
+                   help="pre-training wall-clock minutes per method (the budget)")
+    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated methods")
+    p.add_argument("--backbone", default="resnet18")
+    p.add_argument("--stem", default="small", choices=("imagenet", "small"),
+                   help="ResNet stem (default small: 8x8 cells from a 64-px chip)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--input-size", type=int, default=32, help="view side in pixels")
+    p.add_argument("--lr", type=float, default=0.05, help="SGD base lr (cosine)")
+    p.add_argument("--augment", default="chips", help="view preset (hpcsrl.augment.views)")
+    p.add_argument("--precise-bn", type=int, default=2048,
+                   help="pool patches for BatchNorm statistics after each epoch")
+    p.add_argument("--monitor-samples", type=int, default=512,
+                   help="pool patches of the collapse / k-NN monitor after each epoch")
+    p.add_argument("--limit", type=int, default=None,
+                   help="pre-train on at most N pool patches (tiny validation runs)")
+    p.add_argument("--snapshots", type=int, default=4,
+                   help="evaluated snapshots per method, evenly spaced in minutes (default 4)")
+    p.add_argument("--calibration-batches", type=int, default=12,
+                   help="batches timed before the run to fix the epoch count for the budget")
+    p.add_argument("--jobs", type=int, default=2,
+                   help="methods pre-trained at once, one thread each (default 2)")
+    p.add_argument("--threads", type=int, default=1, help="threads per pre-training job")
+    p.add_argument("--eval-threads", type=int, default=2, help="threads for the evaluation")
+    p.add_argument("--fractions", default="0.1,0.2,0.5", help="frozen-probe label fractions")
+    p.add_argument("--finetune-fractions", default="0.1,0.2", help="fine-tune label fractions")
+    p.add_argument("--probe-epochs", default="100,200", help="probe epochs (chosen on val)")
+    p.add_argument("--probe-weight-decay", default="0,1e-4,1e-3",
+                   help="probe weight decays (chosen on validation)")
+    p.add_argument("--eval-input-size", default="0",
+                   help="evaluation input sizes, 0 = native 64 px (a list is chosen on val)")
+    p.add_argument("--finetune-epochs", type=int, default=15)
+    p.add_argument("--no-finetune", action="store_true", help="skip the fine-tune rows")
+    p.add_argument("--max-samples", type=int, default=None,
+                   help="evaluate on a stratified subsample of this many chips (tiny runs)")
+    p.add_argument("--split", default=None, help="split.json to reuse (default OUT/split.json)")
+    p.add_argument("--split-seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="model / data order / probe seed")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # one method's pre-training
+    return p.parse_args(argv)
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def recipe(args: argparse.Namespace) -> dict:
+    return {k: getattr(args, k) for k in RECIPE_KEYS}
+
+
+# ------------------------------------------------------------------------------- pre-training
+def pretrain_config(args: argparse.Namespace, method: str, epochs: int, limit: int | None):
+    from hpcsrl.train.loop import PretrainConfig
+
+    options = {"stem": args.stem} if args.stem != "imagenet" else {}
+    return PretrainConfig(method=method, backbone=args.backbone, bands="rgb", epochs=epochs,
+                          batch_size=args.batch_size, input_size=args.input_size, lr=args.lr,
+                          seed=args.seed, limit=limit, monitor_samples=args.monitor_samples,
+                          progress=False,
+                          method_options=options, augment=args.augment,
+                          precise_bn=args.precise_bn)
+
+
+def pretrain_one(args: argparse.Namespace, method: str) -> dict:
+    """Pre-train `method` for `args.minutes` on the pool; snapshots at evenly spaced minutes.
+
+    The cosine schedule needs its length up front: a short calibration run times the step and
+    the per-epoch overhead, the epoch count is what fits the budget, and the run stops early
+    (recorded) if the machine turns out slower.
+    """
+    import torch
+
+    from hpcsrl.data.splits import Layout, SplitPatches, load_split
+    from hpcsrl.train.loop import MemoryPatches, Pretrainer
+
+    torch.set_num_threads(args.threads)
+    out = Path(args.out) / "pretrain" / method
+    done = out / "done.json"
+    if done.is_file():
+        rec = json.loads(done.read_text())
+        if rec.get("recipe") == recipe(args):
+            log(f"{method}: reusing the finished pre-training in {out}")
+            return rec
+        shutil.rmtree(out)
+    if out.exists():
+        shutil.rmtree(out)  # an interrupted run: its schedule was sized for another start
+    split = load_split(Path(args.out) / "split.json", Layout.read(args.data))
+    ds = MemoryPatches(SplitPatches(args.data, "rgb", split), progress=False)
+    n_train = len(ds) if args.limit is None else min(args.limit, len(ds))
+
+    calib = out / "calibration"
+    n_cal = min(n_train, args.calibration_batches * args.batch_size)
+    t0 = time.perf_counter()
+    Pretrainer(ds, pretrain_config(args, method, 1, n_cal), calib).run()
+    wall = time.perf_counter() - t0
+    row = json.loads(json.dumps(torch.load(calib / "checkpoint.pt", weights_only=False)
+                                ["history"][-1], default=float))
+    per_image = row["seconds"] / max(1, (n_cal // args.batch_size) * args.batch_size)
+    overhead = max(0.0, wall - row["seconds"])  # precise BN, monitor, checkpoint (per epoch)
+    epoch_s = per_image * n_train + overhead
+    budget = args.minutes * 60
+    epochs = max(1, int(budget // epoch_s))
+    log(f"{method}: {1 / per_image:.1f} img/s, ~{epoch_s:.0f} s per epoch of {n_train} pool "
+        f"patches -> {epochs} epoch(s) in {args.minutes:g} min")
+    shutil.rmtree(calib)
+
+    cfg = pretrain_config(args, method, epochs, args.limit)
+    marks = [budget * (i + 1) / args.snapshots for i in range(args.snapshots)]
+    snapshots: list[dict] = []
+    start = time.perf_counter()
+    truncated = False
+    for epoch in range(1, epochs + 1):
+        Pretrainer(ds, cfg, out / "run", resume=epoch > 1).run(stop_after=epoch)
+        elapsed = time.perf_counter() - start
+        last = epoch == epochs or elapsed > 1.05 * budget
+        if last or (marks and elapsed >= marks[0] - 0.5 * epoch_s):
+            path = out / f"snapshot_e{epoch:03d}.pt"
+            shutil.copy(out / "run" / "checkpoint.pt", path)
+            snapshots.append({"epoch": epoch, "minutes": round(elapsed / 60, 2),
+                              "path": str(path)})
+            log(f"{method}: snapshot after epoch {epoch}/{epochs}, {elapsed / 60:.1f} min")
+            while marks and marks[0] - 0.5 * epoch_s <= elapsed:
+                marks.pop(0)
+        if last:
+            truncated = epoch < epochs
+            break
+    history = torch.load(out / "run" / "checkpoint.pt", weights_only=False)["history"]
+    rec = {"method": method, "epochs_planned": epochs, "epochs_done": snapshots[-1]["epoch"],
+           "truncated": truncated, "minutes": snapshots[-1]["minutes"],
+           "images_per_s": round(1 / per_image, 2), "n_pool_trained": n_train,
+           "snapshots": snapshots, "recipe": recipe(args),
+           "history": json.loads(json.dumps(history, default=float))}
+    done.write_text(json.dumps(rec, indent=2) + "\n")
+    return rec
+
+
+def pretrain_all(args: argparse.Namespace, methods: list[str]) -> dict[str, dict]:
+    """Every method in its own process (`--jobs` at once), so they share the budget fairly."""
+    out: dict[str, dict] = {}
+    pending = list(methods)
+    running: list[tuple[str, subprocess.Popen]] = []
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+    argv = list(args.argv)
+    while pending or running:
+        while pending and len(running) < max(1, args.jobs):
+            m = pending.pop(0)
+            logf = open(Path(args.out) / f"pretrain_{m}.log", "w")  # noqa: SIM115
+            running.append((m, subprocess.Popen(
+                [sys.executable, str(Path(__file__).resolve()), *argv, "--worker", m],
+                stdout=logf, stderr=subprocess.STDOUT, env=env)))
+        time.sleep(2)
+        for m, proc in list(running):
+            if proc.poll() is not None:
+                running.remove((m, proc))
+                if proc.returncode != 0:
+                    raise SystemExit(f"pre-training {m} failed: see "
+                                     f"{Path(args.out) / f'pretrain_{m}.log'}")
+                out[m] = json.loads((Path(args.out) / "pretrain" / m / "done.json").read_text())
+                log(f"{m}: {out[m]['epochs_done']} epoch(s) in {out[m]['minutes']} min")
+    return out
+
+
+# ------------------------------------------------------------------------------- evaluation
+def evaluate(args: argparse.Namespace, runs: dict[str, dict]) -> list[dict]:
+    """Freeze every snapshot, fine-tune the final ones; floors beside; one protocol run each."""
+    import numpy as np
+    import torch
+
+    from hpcsrl.cli.evaluate import input_sizes, parse_fractions, parse_list
+    from hpcsrl.data import PatchDataset
+    from hpcsrl.data.splits import Layout, load_split
+    from hpcsrl.eval.protocol import EvalSpec, LabelledData, run_protocol
+    from hpcsrl.eval.train import FitConfig
+    from hpcsrl.models.registry import model_from_checkpoint, model_from_config
+
+    torch.set_num_threads(args.eval_threads)
+    split = load_split(Path(args.out) / "split.json", Layout.read(args.data))
+    ds = PatchDataset(args.data, bands="rgb")
+    data = LabelledData(lambda i: ds.read_batch(i)[0], np.asarray(ds.labels),
+                        list(ds.class_names))
+    encoders, final, meta = {}, {}, {}
+    config = None
+    for m, run in runs.items():
+        for snap in run["snapshots"]:
+            model, ckpt = model_from_checkpoint(snap["path"])
+            name = f"{m}@{snap['minutes']:g}min"
+            encoders[name] = model.encoder.eval()
+            meta[name] = {"method": m, "minutes": snap["minutes"], "epoch": snap["epoch"]}
+            config = ckpt["config"]
+        final[f"{m}@{run['snapshots'][-1]['minutes']:g}min"] = encoders[name]
+    torch.manual_seed(args.seed)
+    cfg = dict(config, method="lite-srl")
+    cfg = {k: v for k, v in cfg.items() if k in ("method", "backbone", "in_channels", "stem")}
+    encoders["random-init"] = final["random-init"] = model_from_config(cfg).encoder.eval()
+    meta["random-init"] = {"method": "random-init", "minutes": 0, "epoch": 0}
+    fit = FitConfig(epochs=max(parse_list(args.probe_epochs, "--probe-epochs", int, 1)),
+                    finetune_epochs=args.finetune_epochs, seed=args.seed, progress=False)
+    common = dict(seed=args.seed, max_samples=args.max_samples, tsne=False,
+                  input_sizes=input_sizes(args.eval_input_size),
+                  probe_weight_decays=parse_list(args.probe_weight_decay, "--probe-weight-decay",
+                                                 float, 0.0),
+                  probe_epochs=parse_list(args.probe_epochs, "--probe-epochs", int, 1), fit=fit)
+    log(f"evaluating {len(encoders)} encoders (frozen) on split {split.digest()}")
+    rows = run_protocol(data, encoders, EvalSpec(
+        modes=("freeze",), fractions=parse_fractions(args.fractions), **common),
+        Path(args.out) / "eval_freeze", split=split)
+    if not args.no_finetune:
+        log(f"fine-tuning {len(final)} encoders")
+        rows += run_protocol(data, final, EvalSpec(
+            modes=("finetune",), fractions=parse_fractions(args.finetune_fractions),
+            knn_floor=False, **common), Path(args.out) / "eval_finetune", split=split)
+    out = []
+    for r in rows:
+        info = meta.get(r["encoder"], {"method": r["encoder"], "minutes": "", "epoch": ""})
+        out.append({**{k: r.get(k) for k in STUDY_COLUMNS}, **info,
+                    "encoder": r["encoder"]})
+    return out
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    with open(path, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=STUDY_COLUMNS, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: (f"{v:.4f}" if isinstance(v, float) and k not in ("minutes",)
+                            else v) for k, v in r.items()})
+
+
+def plot(path: Path, rows: list[dict], minutes: float) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    colours = {"lite-srl": "tab:blue", "simsiam": "tab:orange"}
+    styles = {0.1: "-", 0.2: "--", 0.5: ":"}
+    for m in sorted({r["method"] for r in rows if r["method"] in colours}):
+        for f in sorted({r["fraction"] for r in rows if r["mode"] == "freeze"}):
+            pts = sorted((r["minutes"], r["oa"]) for r in rows
+                         if r["method"] == m and r["mode"] == "freeze" and r["fraction"] == f)
+            if pts:
+                ax.plot(*zip(*pts, strict=True), styles.get(f, "-"), marker="o",
+                        color=colours[m], label=f"{m} freeze {f:.0%}")
+        ft = [(r["minutes"], r["oa"], r["fraction"]) for r in rows
+              if r["method"] == m and r["mode"] == "finetune"]
+        for x, y, f in ft:
+            ax.scatter([x], [y], marker="*", s=120, color=colours[m], zorder=3)
+            ax.annotate(f"ft {f:.0%}", (x, y), textcoords="offset points", xytext=(4, 4),
+                        fontsize=7)
+    for name, colour in (("random-init", "grey"), ("channel-stats", "black")):
+        for r in rows:
+            if r["encoder"] == name and r["mode"] in ("freeze", "knn") and r["fraction"] == 0.1:
+                ax.axhline(r["oa"], color=colour, lw=0.8, ls="-.",
+                           label=f"{name} floor 10 %: {r['oa']:.3f}")
+    ax.axhline(0.85, color="green", lw=0.6, ls=":", label="target 0.85 (freeze, 10 %)")
+    ax.set_xlabel("pre-training minutes (wall clock, per method)")
+    ax.set_ylabel("test OA (setting chosen on validation)")
+    ax.set_xlim(0, max(minutes, 0.1) * 1.08)
+    ax.set_title("EuroSAT RGB: frozen / fine-tuned OA vs pre-training budget")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what the workers are started with
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.worker is not None:
+        pretrain_one(args, args.worker)
+        return 0
+    from hpcsrl.data.splits import Layout, resolve_split
+
+    t0 = time.perf_counter()
+    layout = Layout.read(args.data)
+    split = resolve_split(args.split or out / "split.json", layout, {"seed": args.split_seed})
+    if Path(split.path) != (out / "split.json").resolve():
+        split.save(out / "split.json")
+    log(f"split {split.path}: {split.grouping}, test {len(split.test)}, validation "
+        f"{len(split.val)}, pool {len(split.pool)} (digest {split.digest()})")
+    methods = [m for m in args.methods.split(",") if m]
+    runs = pretrain_all(args, methods)
+    t1 = time.perf_counter()
+    rows = evaluate(args, runs)
+    write_csv(out / "study.csv", rows)
+    plot(out / "oa_vs_minutes.png", rows, max(r["minutes"] for r in runs.values()))
+    finals = {m: f"{m}@{r['snapshots'][-1]['minutes']:g}min" for m, r in runs.items()}
+    summary = {
+        "budget_minutes": args.minutes, "recipe": recipe(args), "split": split.record(),
+        "pretrain": {m: {k: r[k] for k in ("epochs_planned", "epochs_done", "truncated",
+                                            "minutes", "images_per_s", "n_pool_trained")}
+                     for m, r in runs.items()},
+        "final": [{k: r.get(k) for k in ("encoder", "mode", "fraction", "selected", "val_oa",
+                                         "oa", "n_train", "n_test")}
+                  for r in rows if r["encoder"] in (*finals.values(), "random-init",
+                                                    "channel-stats")],
+        "pretrain_wall_s": round(t1 - t0), "eval_wall_s": round(time.perf_counter() - t1),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    log(f"wrote {out / 'study.csv'}, {out / 'oa_vs_minutes.png'}, {out / 'summary.json'}")
+    for r in summary["final"]:
+        if r["fraction"] is not None and not math.isnan(float(r["oa"])):
+            log(f"  {r['encoder']:<24} {r['mode']:<8} {r['fraction']:.0%}  val OA "
+                f"{r['val_oa']:.4f}  test OA {r['oa']:.4f}  [{r['selected']}]")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
