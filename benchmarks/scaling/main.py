@@ -1,0 +1,247 @@
+"""Scaling of data-parallel pre-training (Horovod): strong and weak scaling over 1, 2 and 4 ranks
+(4 oversubscribes a 2-core machine and is marked so), synthetic and real-data modes, one compute
+thread per rank. Per run: time per step and per epoch, images/s, speed-up and efficiency against
+the 1-rank run of the same group, the allreduce of the gradients timed alone (Horovod and raw MPI)
+beside the ring model 2(k-1)/k * S / B with B measured by a ping-pong, and the bytes each rank
+sent per step, counted by OpenMPI's PML monitoring (every byte a rank hands to any transport,
+shared memory included; setup traffic removed by differencing a run with fewer steps).
+Writes results/scaling.csv and results/scaling.png.
+
+Run it alone (other jobs on the cores distort every figure; the load is recorded):
+
+    flock /tmp/hpcsrl-bench.lock python benchmarks/scaling/main.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from hpcsrl.fileio import atomic_path
+from hpcsrl.log import get_logger
+
+HERE = Path(__file__).resolve().parent
+WORKER = HERE / "worker.py"
+CORES = os.cpu_count() or 1
+log = get_logger("hpcsrl.bench")
+COLUMNS = ("group", "mode", "scaling", "ranks", "oversubscribed", "micro_batch",
+           "batches_per_allreduce", "global_batch", "cycle_time_ms", "fp16_allreduce", "step_s",
+           "images_per_s", "epoch_images", "time_per_epoch_s", "speedup", "efficiency",
+           "efficiency_per_core", "gradient_MB", "allreduce_horovod_s", "allreduce_mpi_s",
+           "allreduce_ring_model_s", "bandwidth_GBps", "bytes_sent_per_rank_per_step",
+           "load_before", "load_after")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--results", type=Path, default=HERE / "results")
+    p.add_argument("--data", type=Path, default=None,
+                   help="HDF5 for the real-data mode (default: a generated 64-px RGB file)")
+    p.add_argument("--steps", type=int, default=8, help="timed steps per run (default 8)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--micro-batch", type=int, default=64,
+                   help="patches per rank and backward pass in weak scaling (default 64)")
+    p.add_argument("--epoch-images", type=int, default=27000,
+                   help="images of the epoch that time_per_epoch_s refers to (default 27000, "
+                   "EuroSAT)")
+    p.add_argument("--quick", action="store_true", help="fewer runs: weak synthetic 1/2 ranks")
+    p.add_argument("--timeout", type=float, default=900)
+    return p.parse_args(argv)
+
+
+def runs(args: argparse.Namespace) -> list[dict]:
+    """The sweep: (group, mode, scaling, ranks, micro-batch, batches/allreduce, cycle, fp16)."""
+    m = args.micro_batch
+    out = []
+
+    def add(group: str, mode: str, scaling: str, ranks: int, micro: int, bpa: int = 1,
+            cycle: str = "20", fp16: bool = False, bytes_: bool = False) -> None:
+        out.append(dict(group=group, mode=mode, scaling=scaling, ranks=ranks, micro_batch=micro,
+                        batches_per_allreduce=bpa, cycle_time_ms=cycle, fp16_allreduce=fp16,
+                        measure_bytes=bytes_))
+
+    for k in (1, 2) if args.quick else (1, 2, 4):
+        add("weak", "synthetic", "weak", k, m, bytes_=k > 1)
+    if args.quick:
+        return out
+    add("weak-horovod-defaults", "synthetic", "weak", 1, m, cycle="1")
+    add("weak-horovod-defaults", "synthetic", "weak", 2, m, cycle="1")
+    add("weak-cycle50", "synthetic", "weak", 1, m, cycle="50")
+    add("weak-cycle50", "synthetic", "weak", 2, m, cycle="50")
+    add("weak-2-passes", "synthetic", "weak", 1, m, bpa=2)
+    add("weak-2-passes", "synthetic", "weak", 2, m, bpa=2)
+    add("weak-fp16", "synthetic", "weak", 1, m)
+    add("weak-fp16", "synthetic", "weak", 2, m, fp16=True, bytes_=True)
+    for k in (1, 2, 4):
+        add("strong", "synthetic", "strong", k, 2 * m // k)
+    for k in (1, 2):
+        add("weak-real", "real", "weak", k, m)
+    return out
+
+
+def make_data(path: Path, n: int = 1024, size: int = 64) -> Path:
+    """A 64-px RGB patch file with the schema PatchDataset reads (real-data mode default)."""
+    import h5py
+
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 255, (n, 3, size, size), dtype=np.uint8)
+    with h5py.File(path, "w") as f:
+        f.attrs["format_version"] = 1
+        f.attrs["patch_size"] = size
+        f["rgb"] = rgb
+        f.attrs["mean_rgb"] = rgb.mean(axis=(0, 2, 3))
+        f.attrs["std_rgb"] = rgb.std(axis=(0, 2, 3))
+    return path
+
+
+def sent_bytes(folder: Path, ranks: int) -> float:
+    """Mean over ranks of the bytes each sent (OpenMPI PML monitoring, 'E' lines)."""
+    total = []
+    for r in range(ranks):
+        text = (folder / f"mon.{r}.prof").read_text()
+        total.append(sum(int(line.split("\t")[3].split()[0]) for line in text.splitlines()
+                         if line.startswith("E\t")))
+    return float(np.mean(total))
+
+
+def launch(run: dict, args: argparse.Namespace, data: Path, steps: int, warmup: int,
+           work: Path) -> dict:
+    """One mpirun of the worker; returns its JSON (+ bytes sent, when monitored)."""
+    k = run["ranks"]
+    out = work / "result.json"
+    mon = work / "mon"
+    cmd = ["mpirun", "--oversubscribe", "--bind-to", "none", "--map-by", "slot", "-np", str(k),
+           "-x", f"HOROVOD_CYCLE_TIME={run['cycle_time_ms']}", "-x", "OMP_NUM_THREADS=1"]
+    if run["measure_bytes"]:
+        cmd += ["--mca", "pml_monitoring_enable", "1", "--mca", "pml_monitoring_enable_output",
+                "3", "--mca", "pml_monitoring_filename", str(mon)]
+    cmd += [sys.executable, str(WORKER), "--mode", run["mode"], "--micro-batch",
+            str(run["micro_batch"]), "--batches-per-allreduce", str(run["batches_per_allreduce"]),
+            "--steps", str(steps), "--warmup", str(warmup), "--out", str(out)]
+    if run["mode"] == "real":
+        cmd += ["--data", str(data)]
+    if run["fp16_allreduce"]:
+        cmd.append("--fp16-allreduce")
+    env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
+               OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stderr[-3000:]}")
+    result = json.loads(out.read_text())
+    if run["measure_bytes"]:
+        result["sent_bytes"] = sent_bytes(work, k)
+    return result
+
+
+def measure(run: dict, args: argparse.Namespace, data: Path) -> dict:
+    load_before = os.getloadavg()[0]
+    with tempfile.TemporaryDirectory(prefix="hpcsrl-scaling-") as tmp:
+        res = launch(run, args, data, args.steps, args.warmup, Path(tmp))
+    per_step_bytes = None
+    if run["measure_bytes"]:
+        with tempfile.TemporaryDirectory(prefix="hpcsrl-scaling-") as tmp:
+            short = launch(run, args, data, 1, 0, Path(tmp))
+        per_step_bytes = (res["sent_bytes"] - short["sent_bytes"]) / (args.steps + args.warmup - 1)
+    step_s = res["step_s"]
+    row = {**{k: run[k] for k in ("group", "mode", "scaling", "ranks", "micro_batch",
+                                  "batches_per_allreduce", "cycle_time_ms", "fp16_allreduce")},
+           "oversubscribed": run["ranks"] > CORES, "global_batch": res["global_batch"],
+           "step_s": step_s, "images_per_s": res["images_per_s"],
+           "epoch_images": args.epoch_images,
+           "time_per_epoch_s": args.epoch_images / res["images_per_s"],
+           "gradient_MB": res["gradient_bytes"] / 1e6,
+           "allreduce_horovod_s": res.get("allreduce_horovod_s"),
+           "allreduce_mpi_s": res.get("allreduce_mpi_s"),
+           "allreduce_ring_model_s": res.get("allreduce_ring_model_s"),
+           "bandwidth_GBps": res["bandwidth_Bps"] / 1e9 if "bandwidth_Bps" in res else None,
+           "bytes_sent_per_rank_per_step": per_step_bytes,
+           "load_before": round(load_before, 2), "load_after": round(os.getloadavg()[0], 2)}
+    log.info("%s %s k=%d: %.3f s/step, %.1f img/s%s", run["group"], run["scaling"], run["ranks"],
+             step_s, res["images_per_s"],
+             f", {per_step_bytes / 1e6:.1f} MB sent/rank/step" if per_step_bytes else "")
+    return row
+
+
+def add_ratios(rows: list[dict]) -> None:
+    """Speed-up and efficiency against the 1-rank run of the same group."""
+    base = {r["group"]: r["images_per_s"] for r in rows if r["ranks"] == 1}
+    for r in rows:
+        one = base.get(r["group"])
+        if one:
+            r["speedup"] = r["images_per_s"] / one
+            r["efficiency"] = r["speedup"] / r["ranks"]
+            r["efficiency_per_core"] = r["speedup"] / min(r["ranks"], CORES)
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for group in dict.fromkeys(r["group"] for r in rows):
+        sel = [r for r in rows if r["group"] == group]
+        axes[0].plot([r["ranks"] for r in sel], [r["images_per_s"] for r in sel], "o-",
+                     label=group)
+    axes[0].set(xlabel="ranks (4: oversubscribed, 2 cores)", ylabel="images/s",
+                title="throughput", xticks=[1, 2, 4])
+    axes[0].legend(fontsize=7)
+    multi = [r for r in rows if r["ranks"] > 1 and r.get("efficiency") is not None]
+    labels = [f"{r['group']}\nk={r['ranks']}" for r in multi]
+    axes[1].bar(range(len(multi)), [r["efficiency"] for r in multi], color="tab:blue")
+    axes[1].axhline(0.85, color="red", ls="--", label="target 0.85")
+    axes[1].set_xticks(range(len(multi)), labels, rotation=60, fontsize=6)
+    axes[1].set(ylabel="efficiency (speed-up / ranks)", title="efficiency")
+    axes[1].legend(fontsize=7)
+    ar = [r for r in multi if r.get("allreduce_horovod_s") is not None]
+    x = np.arange(len(ar))
+    for i, (key, name) in enumerate((("allreduce_horovod_s", "Horovod"),
+                                     ("allreduce_mpi_s", "MPI_Allreduce"),
+                                     ("allreduce_ring_model_s", "ring model 2(k-1)/k S/B"))):
+        axes[2].bar(x + (i - 1) * 0.27, [r[key] * 1e3 for r in ar], 0.27, label=name)
+    axes[2].set_xticks(x, [f"{r['group']}\nk={r['ranks']}" for r in ar], rotation=60, fontsize=6)
+    axes[2].set(ylabel="ms per gradient allreduce", title="allreduce: measured vs model")
+    axes[2].legend(fontsize=7)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    data = args.data
+    if data is None:
+        data = Path(tempfile.gettempdir()) / "hpcsrl-scaling-rgb64.h5"
+        if not data.exists():
+            make_data(data)
+    rows = []
+    for run in runs(args):
+        rows.append(measure(run, args, data))
+        add_ratios(rows)
+        write_csv(rows, args.results / "scaling.csv")
+    plot(rows, args.results / "scaling.png")
+    log.info("wrote %s and %s", args.results / "scaling.csv", args.results / "scaling.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
