@@ -186,7 +186,9 @@ def run(args: argparse.Namespace) -> int:
                          decay_epochs=decay, batches_per_allreduce=args.batches_per_allreduce)
     try:
         ds = everywhere(dist, lambda: pretrain_dataset(args, write_split=dist.is_writer))
-        Pretrainer(ds, cfg, args.out, resume=args.resume, dist=dist).run()
+        trainer = Pretrainer(ds, cfg, args.out, resume=args.resume, dist=dist)
+        log_split(ds)  # after the set-up checks: a refused run prints its one error line only
+        trainer.run()
     except RankStopped:
         return 2  # another rank failed; rank 0 printed why
     return 0
@@ -251,7 +253,6 @@ def pretrain_dataset(args: argparse.Namespace, write_split: bool = True):
     from pathlib import Path
 
     from hpcsrl.data.splits import Layout, SplitPatches, resolve_split
-    from hpcsrl.log import get_logger
 
     path = Path(args.split or Path(args.out) / "split.json")
     try:
@@ -260,9 +261,16 @@ def pretrain_dataset(args: argparse.Namespace, write_split: bool = True):
     except OSError as exc:
         raise UserError(f"{path.parent}: cannot write {path.name} there ({exc.strerror}): "
                         "choose a writable --out (or --split)") from None
-    ds = SplitPatches(args.data, args.bands, split, args.pretrain_on)
+    return SplitPatches(args.data, args.bands, split, args.pretrain_on)
+
+
+def log_split(ds) -> None:
+    """Say which part of which split the run reads (it is also in the checkpoint)."""
+    from hpcsrl.log import get_logger
+
+    rec = ds.split_record
     get_logger("hpcsrl.pretrain").info(
-        "split %s (%s, digest %s): pre-training reads %s, %d of %d patches", split.path,
-        split.grouping, split.digest(), "ALL patches, test included (--pretrain-on all)"
-        if args.pretrain_on == "all" else "the pool only", len(ds), split.n_patches)
-    return ds
+        "split %s (%s, digest %s): pre-training reads %s, %d of %d patches", rec["path"],
+        rec["grouping"], rec["digest"], "ALL patches, test included (--pretrain-on all)"
+        if rec["pretrain_on"] == "all" else "the pool only (no test or validation patch)",
+        len(ds), rec["n_test"] + rec["n_val"] + rec["n_pool"] + rec["n_guard"])
