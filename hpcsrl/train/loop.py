@@ -255,8 +255,15 @@ class Pretrainer:
         labels = np.asarray(dataset.labels) if getattr(dataset, "has_labels", False) else None
         self.train_idx, self.monitor_idx, self.bank, self.query = split_indices(n, labels, cfg)
         if len(self.train_idx) < 2:
+            split = getattr(dataset, "split_record", None)
+            why = "check --limit and the HDF5 file"
+            if split and split.get("pretrain_on") == "pool":
+                why = (f"the split {split['path']} leaves {split['n_pool']} pool patches after "
+                       f"{split['n_test']} test, {split['n_val']} validation and "
+                       f"{split['n_guard']} guard-band patches: use more data, or --pretrain-on "
+                       "all to pre-train on every patch deliberately")
             raise UserError(f"only {len(self.train_idx)} patch(es) to train on: need at least 2 "
-                            "(check --limit and the HDF5 file)")
+                            f"({why})")
         ranks = self.dist.size
         if 2 * ranks > len(self.train_idx):
             raise UserError(f"{ranks} ranks need at least {2 * ranks} training patches (2 per "

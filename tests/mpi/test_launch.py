@@ -179,8 +179,10 @@ def test_tx2_launchers_preprocess_then_pretrain(tmp_path: Path) -> None:
         assert int(f.attrs["n_ranks"]) == 2
 
     run = tmp_path / "run"
+    # 2 tiny scenes: a held-out split would leave no pool, so pre-train on every patch
     proc = launch([str(TX2 / "run_pretrain.sh"), str(out), str(run), "--bands", "s2",
-                   "--epochs", "1", "--batch-size", "2", "--input-size", "32", "--no-progress"],
+                   "--epochs", "1", "--batch-size", "2", "--input-size", "32", "--no-progress",
+                   "--pretrain-on", "all"],
                   localhost_hostfile(tmp_path, slots=1), timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "1 rank(s)" in proc.stderr

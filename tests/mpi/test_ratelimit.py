@@ -1,4 +1,4 @@
-"""slurm/tx2/ratelimit.sh: ranks really talk over a rate-limited link, and the namespace goes away."""
+"""slurm/tx2/ratelimit.sh: ranks really talk over a rate-limited link; the namespace goes away."""
 
 from __future__ import annotations
 
@@ -38,9 +38,9 @@ def _env() -> dict[str, str]:
 
 
 @pytest.mark.slow
-def test_two_ranks_get_the_configured_rate_and_the_namespace_is_removed(tmp_path):
-    if os.geteuid() != 0:
-        pytest.skip("network namespaces need root")
+@pytest.mark.usefixtures("needs_mpirun")
+def test_two_ranks_get_the_configured_rate_and_the_namespace_is_removed(tmp_path, require):
+    require(os.geteuid() == 0, "root (network namespaces)")
     prog = tmp_path / "bw.py"
     prog.write_text(BANDWIDTH)
     before = _namespaces()
@@ -64,9 +64,8 @@ def test_bad_options_are_one_line_and_exit_2(args, match):
     assert len(proc.stderr.strip().splitlines()) == 1
 
 
-def test_failing_command_propagates_its_exit_code_and_cleans_up():
-    if os.geteuid() != 0:
-        pytest.skip("network namespaces need root")
+def test_failing_command_propagates_its_exit_code_and_cleans_up(require):
+    require(os.geteuid() == 0, "root (network namespaces)")
     before = _namespaces()
     proc = subprocess.run([str(SCRIPT), "--rate", "10mbit", "--", "sh", "-c", "exit 3"],
                           capture_output=True, text=True, timeout=30)
