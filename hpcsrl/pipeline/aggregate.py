@@ -21,15 +21,15 @@ from hpcsrl.pipeline.transport import Pending
 
 
 class Aggregator:
-    def __init__(self, comm: MPI.Comm, wait: Callable[[Pending, str], None]) -> None:
+    def __init__(self, comm: MPI.Comm, wait: Callable[[Pending, str], None],
+                 counters: list[Tensor]) -> None:
+        """`counters`: the integer buffers as they are before training (their common base)."""
         self.comm, self.wait = comm, wait
-        self._base: list[Tensor] | None = None
+        self._base = [c.clone() for c in counters]
 
     def __call__(self, state: list[Tensor], counters: list[Tensor], processed: int,
                  what: str) -> float:
         """Average `state` in place with weight processed / sum(processed); returns the weight."""
-        if self._base is None:
-            self._base = [c.clone() for c in counters]
         if self.comm.Get_size() == 1:
             self._base = [c.clone() for c in counters]
             return 1.0

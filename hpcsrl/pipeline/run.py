@@ -365,7 +365,7 @@ def _run(o: DhpOptions, world: MPI.Comm, spec: dict[str, Any], log: Any) -> int:
                              coordinator)
     waiter = Waiter(o.wait, on_poll=client.check)
     transport = Transport(comms.data)
-    aggregator = Aggregator(comms.stage, waiter.wait)
+    aggregator = Aggregator(comms.stage, waiter.wait, compute.counters())
     writer = _Writer(o, spec, layout, coordinator, log) if rank == 0 else None
     times: dict[str, float] = {}
     digests: list[str] = []  # the stage state after each aggregation (replicas must agree)
