@@ -15,11 +15,21 @@ benchmarks' time-scale, transfers through shared memory stay a small part of a s
 while the rate-limited links benchmark still sees them. Parameter, state and activation bytes
 are our measured ones for the same units (aggregation moves real parameter-sized tensors).
 
+Table 7 (Lite-SRL with ResNet-34, batch 64, and ResNet-50, batch 32, 224 px): unit times measured
+here by `hpcsrl profile` at batch 4 per view (a full-batch timing of every unit takes tens of
+minutes on this shared 2-core machine) and scaled linearly to the paper's batch; memory and cut
+bytes as measured at the paper's batch by the same profiler (`benchmarks/cwb/results/
+profile_<backbone>.json`); cut bytes / 100 as above.
+
     python benchmarks/dhp/profiles/make_profiles.py      # writes paper_table5.json here
+    python benchmarks/dhp/profiles/make_profiles.py --table7 DIR   # + lite-srl_resnet34/50.json
+        (DIR holds profile_resnet34_b4.json / profile_resnet50_b4.json from
+         hpcsrl profile --backbone B --input-size 224 --batch-size 4 --repeats 3 --threads 1)
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -55,7 +65,37 @@ def paper_profile(measured: dict) -> dict:
                       "benchmarks/cwb/results/profile_resnet18.json; cut bytes / 100"}
 
 
+def table7_profile(timed: dict, memory: dict) -> dict:
+    """Times of `timed` x (memory's batch / timed's batch), bytes of `memory`, cut bytes / 100."""
+    names = [u["name"] for u in memory["units"]]
+    if [u["name"] for u in timed["units"]] != names:
+        raise SystemExit(f"{timed['model']}: the timed and the memory profile list other units")
+    k = memory["batch_size"] / timed["batch_size"]
+    units = []
+    for t, m in zip(timed["units"], memory["units"], strict=True):
+        units.append({**m, "forward_s": t["forward_s"] * k, "backward_s": t["backward_s"] * k,
+                      "output_bytes": max(4, m["output_bytes"] // CUT_DIVISOR)})
+    return {"model": memory["model"], "batch_size": memory["batch_size"],
+            "input_shape": memory["input_shape"], "optimizer": memory["optimizer"],
+            "units": units,
+            "source": f"times: hpcsrl profile at batch {timed['batch_size']} x {k:g}; bytes: "
+                      f"benchmarks/cwb/results at batch {memory['batch_size']}; cut bytes / 100"}
+
+
 def main() -> int:
+    ap = argparse.ArgumentParser(description="write the emulation profiles")
+    ap.add_argument("--table7", type=Path, default=None,
+                    help="folder with profile_resnet34_b4.json and profile_resnet50_b4.json")
+    a = ap.parse_args()
+    if a.table7 is not None:
+        for b in ("resnet34", "resnet50"):
+            timed = json.loads((a.table7 / f"profile_{b}_b4.json").read_text())
+            memory = json.loads((MEASURED.parent / f"profile_{b}.json").read_text())
+            prof = table7_profile(timed, memory)
+            path = HERE / f"lite-srl_{b}.json"
+            path.write_text(json.dumps(prof, indent=1) + "\n")
+            total = sum(u["forward_s"] + u["backward_s"] for u in prof["units"])
+            print(f"wrote {path}: {total:.1f} s per mini-batch of {prof['batch_size']}")
     measured = json.loads(MEASURED.read_text())
     prof = paper_profile(measured)
     for u in prof["units"]:
