@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import h5py
 import pytest
 import torch
 
@@ -129,6 +130,9 @@ def test_bad_input_stops_every_rank_with_one_line(run_mpi, tmp_path: Path) -> No
     data = _write_rgb_h5(tmp_path / "d.h5", n=48)
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
+    unlabelled = _write_rgb_h5(tmp_path / "unlabelled.h5", n=48)
+    with h5py.File(unlabelled, "a") as f:
+        del f["classes"]
     common = ["--epochs", "1", "--batch-size", "8", "--input-size", "32", "--no-progress",
               "--monitor-samples", "0", "--pretrain-on", "all"]
     cases = {
@@ -137,6 +141,8 @@ def test_bad_input_stops_every_rank_with_one_line(run_mpi, tmp_path: Path) -> No
         "key": ["pretrain", "--data", str(data), "--bands", "s2", "--out",
                 str(tmp_path / "o2"), *common],
         "out": ["pretrain", "--data", str(data), "--out", str(blocker / "run"), *common],
+        "classes": ["train", "--data", str(unlabelled), "--bands", "rgb", "--out",
+                    str(tmp_path / "o4"), "--epochs", "1", "--batch-size", "12"],
     }
     argv = []
     for name, args in cases.items():
@@ -156,6 +162,7 @@ def test_bad_input_stops_every_rank_with_one_line(run_mpi, tmp_path: Path) -> No
     assert "3 ranks need at least 6 training patches" in said["ranks"], said
     assert "data_super" in said["key"], said
     assert str(blocker) in said["out"], said
+    assert "no `classes` dataset" in said["classes"], said
 
 
 @pytest.mark.slow
@@ -172,3 +179,35 @@ def test_a_failure_on_rank_0_only_ends_every_process_non_zero(run_mpi, tmp_path:
     assert codes == ["2", "2"], (codes, proc.stderr)
     errors = [line for line in proc.stderr.splitlines() if "error:" in line]
     assert len(errors) == 1 and str(blocker) in errors[0], proc.stderr
+
+
+@pytest.mark.slow
+def test_one_rank_checkpoint_resumes_under_two_ranks_then_train_inits_from_it(
+        run_mpi, tmp_path: Path) -> None:
+    """A single-process run killed after epoch 1 continues under 2 ranks on its own schedule
+    (no warm-up, no Nesterov: the checkpoint's), then `hpcsrl train` on 2 ranks starts from it."""
+    data = _write_rgb_h5(tmp_path / "d.h5", n=96)
+    out = tmp_path / "pre"
+    args = [a for a in _pretrain_args(data, out, 2) if a not in ("--warmup-epochs", "1")]
+    proc = subprocess.Popen([*args, "--threads", "1"], env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 400
+        while _epochs_logged(out) < 1 and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+    assert _epochs_logged(out) == 1
+    resumed = run_mpi(2, [*args, "--resume"], timeout=600)
+    assert "after epoch 1 of 2 (written by 1 rank(s))" in resumed.stderr, resumed.stderr
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert ckpt["epoch"] == 2 and ckpt["ranks"] == 2
+    assert ckpt["pretrain"]["warmup_epochs"] == 0 and ckpt["pretrain"]["nesterov"] is False
+
+    trained = run_mpi(2, [*CLI, "train", "--data", str(data), "--bands", "rgb", "--backbone",
+                          "resnet18", "--epochs", "1", "--batch-size", "8", "--no-progress",
+                          "--out", str(tmp_path / "cls"), "--init", str(out / "checkpoint.pt")],
+                      timeout=600)
+    assert "(2 ranks)" in trained.stderr and "test F1 micro" in trained.stderr, trained.stderr
+    assert (tmp_path / "cls" / "test_f1.csv").is_file()
