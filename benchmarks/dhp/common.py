@@ -91,33 +91,60 @@ def allocation_plan(profile: Path, base: dict[str, Any], replicas: Sequence[int]
 def run_dhp(plan: Path, profile: Path, out: Path, iterations: int, *, chains: str = "dynamic",
             aggregate_every: int = 100, time_scale: float = 1.0,
             slowdown: dict[int, float] | None = None, wrap: Sequence[str] = (),
-            timeout: float = 1800) -> dict[str, Any]:
-    """One emulated run under mpirun (one rank per plan replica); its report plus load and
-    launch time."""
+            timeout: float = 1800, reuse: bool = False) -> dict[str, Any]:
+    """One emulated run under mpirun (one rank per plan replica); its report plus the load
+    before/after and the time spent between aggregations. `reuse`: read an earlier run's
+    report in `out` instead of running again (to re-derive the tables)."""
     nranks = sum(int(s["replicas"]) for s in json.loads(plan.read_text())["stages"])
-    if out.exists():
-        shutil.rmtree(out)
-    env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
-               OMP_NUM_THREADS="1", **MPI_ENV)
-    cmd = [*wrap, "mpirun", "--oversubscribe", "--bind-to", "none", "--map-by", "slot", "-np",
-           str(nranks), PY, "-m", "hpcsrl.cli.main", "dhp", "--plan", str(plan), "--emulate",
-           str(profile), "--time-scale", repr(time_scale), "--out", str(out), "--iterations",
-           str(iterations), "--aggregate-every", str(aggregate_every), "--chains", chains]
-    for r, f in (slowdown or {}).items():
-        cmd += ["--slowdown", f"{r}={f}"]
-    before, t0 = load1(), time.perf_counter()
-    print("$", " ".join(cmd), flush=True)
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-    if proc.returncode != 0:
-        raise RuntimeError(f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    rep = json.loads((out / "dhp_report.json").read_text())
-    rep["load_before"], rep["load_after"] = before, load1()
-    rep["launch_s"] = round(time.perf_counter() - t0, 1)
+    side = out / "bench.json"
+    if reuse and (out / "dhp_report.json").exists():
+        rep = json.loads((out / "dhp_report.json").read_text())
+        rep.update(json.loads(side.read_text()) if side.exists() else
+                   {"load_before": None, "load_after": None})
+    else:
+        if out.exists():
+            shutil.rmtree(out)
+        env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
+                   OMP_NUM_THREADS="1", **MPI_ENV)
+        cmd = [*wrap, "mpirun", "--oversubscribe", "--bind-to", "none", "--map-by", "slot",
+               "-np", str(nranks), PY, "-m", "hpcsrl.cli.main", "dhp", "--plan", str(plan),
+               "--emulate", str(profile), "--time-scale", repr(time_scale), "--out", str(out),
+               "--iterations", str(iterations), "--aggregate-every", str(aggregate_every),
+               "--chains", chains]
+        for r, f in (slowdown or {}).items():
+            cmd += ["--slowdown", f"{r}={f}"]
+        before, t0 = load1(), time.perf_counter()
+        print("$", " ".join(cmd), flush=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+        if proc.returncode != 0:
+            raise RuntimeError(f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n"
+                               f"{proc.stderr[-3000:]}")
+        rep = json.loads((out / "dhp_report.json").read_text())
+        extra = {"load_before": before, "load_after": load1(),
+                 "launch_s": round(time.perf_counter() - t0, 1)}
+        write_json(side, extra)
+        rep.update(extra)
+    spans = window_spans(read_trace(out), aggregate_every)
+    rep["between_aggregations_s"] = round(spans, 3)
+    rep["throughput_between_aggregations_per_s"] = rep["iterations"] / spans
     print(f"  {chains} {'/'.join(map(str, rep['replicas']))}: {rep['iterations']} it in "
           f"{rep['wall_s']:.1f} s, {rep['throughput_per_s']:.3f}/s, bound "
-          f"{rep['bound_per_s']:.3f}/s ({rep['throughput_per_s'] / rep['bound_per_s']:.3f}), "
-          f"load {before} -> {rep['load_after']}", flush=True)
+          f"{rep['bound_per_s']:.3f}/s ({rep['throughput_per_s'] / rep['bound_per_s']:.3f}; "
+          f"{rep['throughput_between_aggregations_per_s'] / rep['bound_per_s']:.3f} between "
+          f"aggregations), load {rep['load_before']} -> {rep['load_after']}", flush=True)
     return rep
+
+
+def window_spans(trace: dict[int, dict[int, dict[str, float]]], every: int) -> float:
+    """Seconds spent running mini-batches, aggregation pauses left out: per window of `every`
+    ids, from its first forward to its last backward (fill and drain stay in)."""
+    win: dict[int, list[float]] = {}
+    for mb, d in trace.items():
+        lo = min(x["forward_start"] for x in d.values())
+        hi = max(x["backward_end"] for x in d.values())
+        w = win.setdefault(mb // every, [lo, hi])
+        w[0], w[1] = min(w[0], lo), max(w[1], hi)
+    return sum(hi - lo for lo, hi in win.values())
 
 
 def read_trace(out: Path) -> dict[int, dict[int, dict[str, float]]]:

@@ -56,6 +56,8 @@ def main() -> int:
     p.add_argument("--factors", default="1,1.5,2")
     p.add_argument("--runs", type=Path, default=Path("/tmp/hpcsrl-dhp-bench/hetero"))
     p.add_argument("--out-dir", type=Path, default=RESULTS)
+    p.add_argument("--reuse", action="store_true",
+                   help="re-derive the tables from the runs already in --runs")
     a = p.parse_args()
 
     scaled = scaled_profile(a.profile, a.time_scale, a.runs / "profile_scaled.json")
@@ -70,7 +72,7 @@ def main() -> int:
             slow = {a.slow_rank: factor} if factor != 1 else {}
             rep = run_dhp(a.runs / path, a.profile, a.runs / f"{mode}_x{factor:g}",
                           a.iterations, chains=mode, aggregate_every=a.aggregate_every,
-                          time_scale=a.time_scale, slowdown=slow)
+                          time_scale=a.time_scale, slowdown=slow, reuse=a.reuse)
             model = model_rate(times, reps, a.slow_rank, factor, mode == "fixed")
             tp = rep["throughput_per_s"]
             if factor == 1:

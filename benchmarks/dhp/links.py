@@ -50,6 +50,8 @@ def main() -> int:
                    help="emulated run length per rate (sets the iterations; at least 8)")
     p.add_argument("--runs", type=Path, default=Path("/tmp/hpcsrl-dhp-bench/links"))
     p.add_argument("--out-dir", type=Path, default=RESULTS)
+    p.add_argument("--reuse", action="store_true",
+                   help="re-derive the tables from the runs already in --runs")
     a = p.parse_args()
 
     scaled = scaled_profile(a.profile, a.time_scale, a.runs / "profile_scaled.json")
@@ -61,7 +63,7 @@ def main() -> int:
         out = a.runs / rate
         rep = run_dhp(a.runs / f"plan_{rate}.json", a.profile, out, iterations,
                       chains="fixed", aggregate_every=iterations, time_scale=a.time_scale,
-                      wrap=[str(RATELIMIT), "--rate", rate, "--"])
+                      wrap=[str(RATELIMIT), "--rate", rate, "--"], reuse=a.reuse)
         tr = [d for d in read_trace(out).values() if len(d) == 3]
         n = len(plan["stages"])
         compute = [med([d[s]["forward_end"] - d[s]["forward_start"] + d[s]["backward_end"]

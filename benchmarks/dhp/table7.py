@@ -40,6 +40,8 @@ def main() -> int:
     p.add_argument("--memory", default="3GB")
     p.add_argument("--runs", type=Path, default=Path("/tmp/hpcsrl-dhp-bench/table7"))
     p.add_argument("--out-dir", type=Path, default=RESULTS)
+    p.add_argument("--reuse", action="store_true",
+                   help="re-derive the tables from the runs already in --runs")
     a = p.parse_args()
 
     rows = []
@@ -56,7 +58,8 @@ def main() -> int:
         reps = {}
         for mode, path in (("fixed", "plan_fixed.json"), ("dynamic", "plan.json")):
             reps[mode] = run_dhp(runs / path, prof, runs / mode, a.iterations, chains=mode,
-                                 aggregate_every=a.aggregate_every, time_scale=scale)
+                                 aggregate_every=a.aggregate_every, time_scale=scale,
+                                 reuse=a.reuse)
         f, d = reps["fixed"], reps["dynamic"]
         for mode, rep in reps.items():
             nodes = per_rank(rep, scale)
