@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -75,7 +76,7 @@ def timed(fn, repeats: int) -> float:
 
 def main() -> None:
     args = parse_args()
-    torch.set_num_threads(1)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     comm = MPI.COMM_WORLD
     k = comm.Get_size()
     dist = HorovodDistribution(fp16_allreduce=args.fp16_allreduce) if k > 1 else SingleProcess()

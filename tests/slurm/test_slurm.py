@@ -206,3 +206,66 @@ def test_preprocess_sbatch_fails_cleanly_on_empty_input(submit, tmp_path: Path) 
     assert "preprocessing exited with code" in job.output, job.report()
     assert "Traceback" not in job.output, job.report()
     assert not (tmp_path / "out" / "patches.h5").exists()
+
+
+# ------------------------------------------------------------------ data-parallel jobs (Horovod)
+
+HOROVOD_SBATCH = REPO / "slurm" / "horovod_dp.sbatch"
+SCALING_SBATCH = REPO / "slurm" / "scaling.sbatch"
+
+
+def _rgb_h5(path: Path, n: int = 48) -> Path:
+    """A small labelled RGB patch file (the unit tests' writer)."""
+    sys.path.insert(0, str(REPO / "tests"))
+    from test_pretrain import _write_rgb_h5
+
+    return _write_rgb_h5(path, n=n)
+
+
+def test_horovod_sbatch_scripts_check_arguments(tmp_path: Path) -> None:
+    for script in (HOROVOD_SBATCH, SCALING_SBATCH):
+        assert subprocess.run(["bash", "-n", str(script)]).returncode == 0, script
+        assert "srun --mpi=pmix --cpus-per-task=" in script.read_text()
+        usage = run_script(script)
+        assert usage.returncode == 2 and f"slurm/{script.name}" in usage.stderr
+    bad = run_script(HOROVOD_SBATCH, "fit", str(tmp_path), str(tmp_path / "out"))
+    assert bad.returncode == 2 and "'pretrain' or 'train'" in bad.stderr, bad.stderr
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+@pytest.mark.usefixtures("needs_horovod")
+def test_horovod_dp_sbatch_pretrains_then_trains_on_two_ranks(submit, tmp_path: Path) -> None:
+    data = _rgb_h5(tmp_path / "rgb.h5")
+    job = submit(HOROVOD_SBATCH, "pretrain", str(data), "pre", "--bands", "rgb", "--epochs", "1",
+                 "--batch-size", "8", "--input-size", "32", "--no-progress",
+                 "--monitor-samples", "0", "--precise-bn", "16", "--pretrain-on", "all",
+                 timeout=400)
+    assert job.result.returncode == 0, job.report()
+    assert "over 2 rank(s)" in job.output and "(2 ranks x 4)" in job.output, job.report()
+    assert "pretrain exited with code 0" in job.output, job.report()
+    import torch
+
+    assert torch.load(tmp_path / "pre" / "checkpoint.pt", weights_only=True)["ranks"] == 2
+    job = submit(HOROVOD_SBATCH, "train", str(data), "cls", "--bands", "rgb", "--backbone",
+                 "resnet18", "--epochs", "1", "--batch-size", "8", "--no-progress",
+                 "--init", "pre/checkpoint.pt", timeout=400)
+    assert job.result.returncode == 0, job.report()
+    assert "(2 ranks)" in job.output and "test F1 micro" in job.output, job.report()
+    assert (tmp_path / "cls" / "test_f1.csv").is_file(), job.report()
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+@pytest.mark.usefixtures("needs_horovod")
+def test_scaling_sbatch_measures_one_point(submit, tmp_path: Path) -> None:
+    job = submit(SCALING_SBATCH, "res", "--micro-batch", "4", "--steps", "1", "--warmup", "0",
+                 timeout=400)
+    assert job.result.returncode == 0, job.report()
+    assert "2 rank(s)" in job.output and "1 thread(s)" in job.output, job.report()
+    import json
+
+    (result,) = (tmp_path / "res").glob("scaling-2x1-*.json")
+    point = json.loads(result.read_text())
+    assert point["ranks"] == 2 and point["global_batch"] == 8, point
+    assert point["allreduce_horovod_s"] > 0 and point["allreduce_ring_model_s"] > 0, point
