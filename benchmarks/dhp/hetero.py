@@ -89,13 +89,12 @@ def main() -> int:
                 "slow_node_iterations": nodes[a.slow_rank]["iterations"],
                 "iterations_per_rank": " ".join(str(n["iterations"]) for n in nodes),
                 "load_before": rep["load_before"], "load_after": rep["load_after"]})
-    share = {}
-    for r in rows:  # the dynamic bound of issue 9: no more than the slow node's share of work
-        if r["chains"] == "dynamic" and r["factor"] != 1:
-            l0 = sum(times[r["slow_stage"]:])
-            l1 = l0 + (r["factor"] - 1) * times[r["slow_stage"]]
-            share[r["factor"]] = 100 * (1 - l0 / l1) / 3
-        r["node_share_loss_pct"] = round(share.get(r["factor"], 0.0), 2)
+    for r in rows:  # issue 9's limit for dynamic chains: the slow node's share of its stage's
+        # work, (1/3) x (1 - L/L') for a partition-1 node
+        stage = 0 if r["chains"] == "fixed" else r["slow_stage"]
+        l0 = sum(times[stage:])
+        l1 = l0 + (r["factor"] - 1) * times[r["slow_stage"]]
+        r["node_share_loss_pct"] = round(100 * (1 - l0 / l1) / 3, 2)
     write_csv(a.out_dir / "hetero.csv", rows)
     for r in rows:
         print(f"{r['chains']:8s} x{r['factor']:<4g} {r['throughput_per_s']:.3f}/s (model "
