@@ -10,6 +10,7 @@ import io
 import math
 import os
 import resource
+import signal
 import socket
 import sys
 import time
@@ -354,6 +355,7 @@ def _run(o: DhpOptions, world: MPI.Comm, spec: dict[str, Any], log: Any) -> int:
                   flush=True)
         return 2
     assert compute is not None
+    procs = world.allgather((socket.gethostname(), os.getpid()))
     _distribute_resume(world, spec, compute, layout, bounds)
     comms = make_comms(world, layout)
     coordinator = None
@@ -388,6 +390,7 @@ def _run(o: DhpOptions, world: MPI.Comm, spec: dict[str, Any], log: Any) -> int:
     worker = StageWorker(layout, rank, compute, transport, client, waiter, on_aggregate)
     _polled_barrier(world, Waiter(o.wait), "starting")
     if coordinator is not None:
+        _name_the_dead_on_sigterm(coordinator, procs)
         coordinator.start()
     times["start"] = time.perf_counter()
     try:
@@ -426,6 +429,38 @@ def _run(o: DhpOptions, world: MPI.Comm, spec: dict[str, Any], log: Any) -> int:
     world.Barrier()
     client.close()
     return 0
+
+
+def _dead(host: str, pid: int) -> bool:
+    """Whether a rank's process on this host is gone (or a zombie not yet reaped)."""
+    if host != socket.gethostname():
+        return False
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state in ("Z", "X")
+
+
+def _name_the_dead_on_sigterm(coordinator: Coordinator, procs: list[tuple[str, int]]) -> None:
+    """mpirun / srun stop every rank at once when one dies (SIGKILL, crash), before DHP's own
+    --timeout could notice: rank 0 then says which rank died and what it was doing."""
+    layout = coordinator.layout
+
+    def handler(signum: int, frame: Any) -> None:
+        if coordinator.failure is None:
+            dead = [r for r, (host, pid) in enumerate(procs) if _dead(host, pid)]
+            if dead:
+                r = dead[0]
+                what = (f"{layout.describe(r)} died while {coordinator.sched.activity(r)}; "
+                        "the launcher stopped every rank")
+            else:
+                what = ("the launcher stopped every rank (a rank on another host died or the job "
+                        "was cancelled: see the launcher's message)")
+            print(f"hpcsrl dhp: error: {what}", file=sys.stderr, flush=True)
+        os._exit(4)
+
+    signal.signal(signal.SIGTERM, handler)
 
 
 def _data_source(o: DhpOptions, cfg: Any, model: Any, steps_per_epoch: int) -> Any:
