@@ -503,7 +503,8 @@ def test_eurosat_benchmark_smoke(tmp_path):
                        "--batch-size", "8", "--snapshots", "2", "--calibration-batches", "1",
                        "--precise-bn", "8", "--monitor-samples", "8", "--probe-epochs", "2",
                        "--probe-weight-decay", "0,1e-3", "--finetune-epochs", "1",
-                       "--fractions", "0.2,0.5", "--finetune-fractions", "0.5"]) == 0
+                       "--fractions", "0.2,0.5", "--finetune-fractions", "0.5",
+                       "--pilot", "lr=0.01;lr=0.05", "--pilot-minutes", "0.02"]) == 0
     rows = read_csv(out / "study.csv")
     encoders = {r["encoder"] for r in rows}
     assert {"random-init", "channel-stats"} <= encoders
@@ -513,5 +514,34 @@ def test_eurosat_benchmark_smoke(tmp_path):
     assert (out / "oa_vs_minutes.png").stat().st_size > 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["split"]["digest"] == json.loads((out / "split.json").read_text())["digest"]
+    pilot = summary["pilot"]  # the recipe chosen on validation (the pilot never scores test)
+    assert {c["recipe"] for c in pilot["candidates"]} == {"lr=0.01", "lr=0.05"}
+    assert summary["recipe"]["lr"] == pilot["chosen"]["lr"]
+    assert pilot["chosen_val_oa"] == max(c["val_oa"] for c in pilot["candidates"])
+    pilot_rows = read_csv(out / "pilot" / "eval" / "report.csv")
+    assert all(r["oa"] in ("", "nan") and r["val_oa"] for r in pilot_rows), pilot_rows
     ckpt = torch.load(out / "pretrain" / "lite-srl" / "run" / "checkpoint.pt", weights_only=False)
     assert ckpt["data"]["split"]["pretrain_on"] == "pool"
+
+
+def test_validation_only_run_never_reads_the_test_part(tmp_path):
+    """score_test=False (choosing a recipe): no test patch is read, rows carry validation only."""
+    x, y = separable_images()
+    seen: set[int] = set()
+
+    def reader(idx):
+        seen.update(int(i) for i in np.asarray(idx))
+        return x[np.asarray(idx)]
+
+    spec = EvalSpec(modes=("freeze", "finetune"), fractions=(0.5,), tsne=True, fit=FAST,
+                    score_test=False)
+    rows = run_protocol(LabelledData(reader, y, ["a", "b", "c"]), {"tiny": TinyEncoder()}, spec,
+                        tmp_path)
+    import json
+    split = json.loads((tmp_path / "parts.json").read_text())
+    assert split["test"] == [] and split["val"]
+    from hpcsrl.data.splits import Layout, make_split
+    test = make_split(Layout.from_arrays(y)).test
+    assert not seen & set(test.tolist())
+    for r in rows:
+        assert np.isnan(r["oa"]) and r["n_test"] == 0 and 0 <= r["val_oa"] <= 1

@@ -81,6 +81,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--split", default=None, help="split.json to reuse (default OUT/split.json)")
     p.add_argument("--split-seed", type=int, default=0)
     p.add_argument("--seed", type=int, default=0, help="model / data order / probe seed")
+    p.add_argument("--pilot", default=None, metavar="K=V,..;K=V,..",
+                   help="candidate recipes (keys: stem, input_size, batch_size, lr, augment), "
+                   "each pre-trained with --pilot-method for --pilot-minutes and compared on "
+                   "the validation part only; the best one is used for the budget run")
+    p.add_argument("--pilot-minutes", type=float, default=15.0)
+    p.add_argument("--pilot-method", default="lite-srl")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # one method's pre-training
     return p.parse_args(argv)
 
@@ -179,30 +185,120 @@ def pretrain_one(args: argparse.Namespace, method: str) -> dict:
     return rec
 
 
-def pretrain_all(args: argparse.Namespace, methods: list[str]) -> dict[str, dict]:
-    """Every method in its own process (`--jobs` at once), so they share the budget fairly."""
+def run_workers(args: argparse.Namespace, jobs: list[tuple[str, list[str], Path]]
+                ) -> dict[str, dict]:
+    """Each job (label, extra argv, its out folder) pre-trains one method in its own process,
+    `--jobs` at once (one thread each), so methods running side by side share the cores fairly;
+    returns each job's done.json."""
     out: dict[str, dict] = {}
-    pending = list(methods)
-    running: list[tuple[str, subprocess.Popen]] = []
+    pending = list(jobs)
+    running: list[tuple[str, Path, Path, subprocess.Popen]] = []
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
-    argv = list(args.argv)
     while pending or running:
         while pending and len(running) < max(1, args.jobs):
-            m = pending.pop(0)
-            logf = open(Path(args.out) / f"pretrain_{m}.log", "w")  # noqa: SIM115
-            running.append((m, subprocess.Popen(
-                [sys.executable, str(Path(__file__).resolve()), *argv, "--worker", m],
-                stdout=logf, stderr=subprocess.STDOUT, env=env)))
+            label, extra, folder = pending.pop(0)
+            method = extra[extra.index("--worker") + 1]
+            logpath = folder / f"pretrain_{method}.log"
+            with open(logpath, "w") as logf:
+                proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()),
+                                         *args.argv, *extra], stdout=logf,
+                                        stderr=subprocess.STDOUT, env=env)
+            running.append((label, folder / "pretrain" / method / "done.json", logpath, proc))
         time.sleep(2)
-        for m, proc in list(running):
+        for item in list(running):
+            label, done, logpath, proc = item
             if proc.poll() is not None:
-                running.remove((m, proc))
+                running.remove(item)
                 if proc.returncode != 0:
-                    raise SystemExit(f"pre-training {m} failed: see "
-                                     f"{Path(args.out) / f'pretrain_{m}.log'}")
-                out[m] = json.loads((Path(args.out) / "pretrain" / m / "done.json").read_text())
-                log(f"{m}: {out[m]['epochs_done']} epoch(s) in {out[m]['minutes']} min")
+                    raise SystemExit(f"pre-training {label} failed: see {logpath}")
+                out[label] = json.loads(done.read_text())
+                log(f"{label}: {out[label]['epochs_done']} epoch(s) in "
+                    f"{out[label]['minutes']} min")
     return out
+
+
+def pretrain_all(args: argparse.Namespace, methods: list[str]) -> dict[str, dict]:
+    return run_workers(args, [(m, ["--worker", m], Path(args.out)) for m in methods])
+
+
+PILOT_KEYS = {"stem": str, "input_size": int, "batch_size": int, "lr": float, "augment": str}
+
+
+def parse_pilot(text: str) -> list[dict]:
+    """'stem=small,input_size=32;stem=imagenet' -> [{'stem': 'small', 'input_size': 32}, ...]"""
+    out = []
+    for cand in (c for c in text.split(";") if c.strip()):
+        rec = {}
+        for item in (i for i in cand.split(",") if i.strip()):
+            key, _, value = item.partition("=")
+            key = key.strip().replace("-", "_")
+            if key not in PILOT_KEYS:
+                raise SystemExit(f"--pilot {item!r}: keys are {', '.join(PILOT_KEYS)}")
+            rec[key] = PILOT_KEYS[key](value.strip())
+        out.append(rec)
+    return out
+
+
+def as_argv(overrides: dict) -> list[str]:
+    return [a for k, v in overrides.items() for a in (f"--{k.replace('_', '-')}", str(v))]
+
+
+def pilot(args: argparse.Namespace, split) -> dict:
+    """Pre-train `--pilot-method` with each candidate recipe for `--pilot-minutes`, compare the
+    frozen probe on the validation part only (the test part is not read) and return the best."""
+    import numpy as np
+    import torch
+
+    from hpcsrl.cli.evaluate import input_sizes, parse_fractions, parse_list
+    from hpcsrl.data import PatchDataset
+    from hpcsrl.eval.protocol import EvalSpec, LabelledData, run_protocol
+    from hpcsrl.eval.train import FitConfig
+    from hpcsrl.fileio import write_json
+    from hpcsrl.models.registry import model_from_checkpoint
+
+    cands = parse_pilot(args.pilot)
+    jobs = []
+    for i, cand in enumerate(cands):
+        folder = Path(args.out) / "pilot" / f"c{i}"
+        folder.mkdir(parents=True, exist_ok=True)
+        write_json(folder / "split.json", split.to_json())
+        jobs.append((f"c{i}", [*as_argv(cand), "--out", str(folder), "--minutes",
+                               str(args.pilot_minutes), "--snapshots", "1",
+                               "--worker", args.pilot_method], folder))
+    runs = run_workers(args, jobs)
+    torch.set_num_threads(args.eval_threads)
+    encoders, names = {}, {}
+    for i, cand in enumerate(cands):
+        label = ",".join(f"{k}={v}" for k, v in cand.items()) or "default"
+        names[label] = cand
+        encoders[label] = model_from_checkpoint(runs[f"c{i}"]["snapshots"][-1]["path"]
+                                                )[0].encoder.eval()
+    ds = PatchDataset(args.data, bands="rgb")
+    first = parse_fractions(args.fractions)[:1]
+    epochs = parse_list(args.probe_epochs, "--probe-epochs", int, 1)
+    spec = EvalSpec(modes=("freeze",), fractions=first, seed=args.seed,
+                    max_samples=args.max_samples, tsne=False, knn_floor=False,
+                    input_sizes=input_sizes(args.eval_input_size),
+                    probe_weight_decays=parse_list(args.probe_weight_decay,
+                                                   "--probe-weight-decay", float, 0.0),
+                    probe_epochs=epochs, score_test=False,
+                    fit=FitConfig(epochs=max(epochs), seed=args.seed, progress=False))
+    rows = run_protocol(LabelledData(lambda i: ds.read_batch(i)[0], np.asarray(ds.labels),
+                                     list(ds.class_names)), encoders, spec,
+                        Path(args.out) / "pilot" / "eval", split=split)
+    best = max(rows, key=lambda r: r["val_oa"])
+    result = {"method": args.pilot_method, "minutes": args.pilot_minutes,
+              "fraction": first[0], "chosen": names[best["encoder"]],
+              "chosen_val_oa": best["val_oa"],
+              "candidates": [{"recipe": r["encoder"], "val_oa": r["val_oa"],
+                              "probe": r["selected"],
+                              "epochs": runs[f"c{list(names).index(r['encoder'])}"]
+                              ["epochs_done"]} for r in rows]}
+    for c in result["candidates"]:
+        log(f"pilot {c['recipe']:<32} val OA {c['val_oa']:.4f} ({c['epochs']} epochs)")
+    log(f"pilot choice: {best['encoder']} (validation OA {best['val_oa']:.4f} at "
+        f"{first[0]:.0%} labels)")
+    return result
 
 
 # ------------------------------------------------------------------------------- evaluation
@@ -328,6 +424,12 @@ def main(argv: list[str] | None = None) -> int:
     log(f"split {split.path}: {split.grouping}, test {len(split.test)}, validation "
         f"{len(split.val)}, pool {len(split.pool)} (digest {split.digest()})")
     methods = [m for m in args.methods.split(",") if m]
+    chosen = None
+    if args.pilot:
+        chosen = pilot(args, split)
+        for k, v in chosen["chosen"].items():
+            setattr(args, k, v)
+        args.argv += as_argv(chosen["chosen"])
     runs = pretrain_all(args, methods)
     t1 = time.perf_counter()
     rows = evaluate(args, runs)
@@ -336,6 +438,7 @@ def main(argv: list[str] | None = None) -> int:
     finals = {m: f"{m}@{r['snapshots'][-1]['minutes']:g}min" for m, r in runs.items()}
     summary = {
         "budget_minutes": args.minutes, "recipe": recipe(args), "split": split.record(),
+        "pilot": chosen,
         "pretrain": {m: {k: r[k] for k in ("epochs_planned", "epochs_done", "truncated",
                                             "minutes", "images_per_s", "n_pool_trained")}
                      for m, r in runs.items()},

@@ -84,6 +84,7 @@ class EvalSpec:
     probe_weight_decays: tuple[float, ...] = (0.0,)  # linear-probe candidates
     probe_epochs: tuple[int, ...] = ()      # linear-probe candidates (empty: fit.epochs)
     bn_samples: int = 2048                  # pool patches for BN statistics at an input size
+    score_test: bool = True                 # False: validation only (choosing a recipe)
     fit: FitConfig = field(default_factory=FitConfig)
 
 
@@ -171,6 +172,8 @@ def protocol_parts(data: LabelledData, spec: EvalSpec, split: Split | None) -> t
         pool = np.intersect1d(pool, np.union1d(keep, np.flatnonzero(keys < 0)))
     train = nested_label_fractions(keys, pool, list(spec.fractions), split.spec.seed)
     labelled = keys >= 0
+    if not spec.score_test:
+        test = test[:0]
     return Parts(train, val[labelled[val]], test[labelled[test]], pool), split
 
 
@@ -187,6 +190,9 @@ class _Scorer:
 
     def __call__(self, pred: np.ndarray, ml_pred: np.ndarray | None) -> dict:
         k = len(self.data.class_names)
+        if len(self.idx) == 0:  # not scored (validation-only runs)
+            nan = float("nan")
+            return {"oa": nan, "kappa": nan, "macro_f1": nan, "n": 0, "_rep": None}
         rep = metrics.classification_report(self.data.labels[self.idx][self.single],
                                             np.asarray(pred)[self.single], k)
         out = {"oa": rep["oa"], "kappa": rep["kappa"], "macro_f1": rep["macro_f1"], "_rep": rep,
@@ -231,17 +237,18 @@ class _Recorder:
                "n_train": n_train, "n_val": val["n"], "n_test": test["n"],
                "seconds": round(seconds, 2)}
         self.rows.append(row)
-        pc = rep["per_class"]
-        for c, name in enumerate(names):
+        pc = rep["per_class"] if rep is not None else {}
+        for c, name in enumerate(names if rep is not None else []):
             self.per_class.append({"encoder": encoder, "mode": mode, "fraction": fraction,
                                    "class": name, "precision": pc["precision"][c],
                                    "recall": pc["recall"][c], "f1": pc["f1"][c],
                                    "support": int(pc["support"][c])})
-        base = self.out / f"confusion_{run_name(encoder, mode, fraction)}"
-        write_confusion_csv(base.with_suffix(".csv"), rep["confusion"], names)
-        plot_confusion(rep["confusion"], names,
-                       f"{encoder} {mode} {fraction:.0%} labels: test OA {rep['oa']:.3f}",
-                       base.with_suffix(".png"))
+        if rep is not None:
+            base = self.out / f"confusion_{run_name(encoder, mode, fraction)}"
+            write_confusion_csv(base.with_suffix(".csv"), rep["confusion"], names)
+            plot_confusion(rep["confusion"], names,
+                           f"{encoder} {mode} {fraction:.0%} labels: test OA {rep['oa']:.3f}",
+                           base.with_suffix(".png"))
         self.log.info("%-14s %-8s %4.0f%%  val OA %.4f  test OA %.4f  kappa %.4f  macro-F1 %.4f"
                       "  [%s]  (%d train, %.1f s)", encoder, mode, fraction * 100, val["oa"],
                       test["oa"], test["kappa"], test["macro_f1"], setting, n_train, seconds)
@@ -321,7 +328,7 @@ def run_protocol(data: LabelledData, encoders: Mapping[str, nn.Module], spec: Ev
     epochs_grid = spec.probe_epochs or (spec.fit.epochs,)
 
     for name, enc in encoders.items():
-        if spec.tsne:
+        if spec.tsne and len(parts.test):
             _tsne(feats[first][name][test_rows], labels[parts.test], data.class_names,
                   f"t-SNE of frozen {name} features (test set)", out / f"tsne_{slug(name)}.png",
                   spec)
@@ -369,11 +376,12 @@ def run_protocol(data: LabelledData, encoders: Mapping[str, nn.Module], spec: Ev
                         best = (val_score.key(v), size, tuned, head, v)
                 _, size, tuned, head, v = best
                 test_feats = extract({name: tuned}, data.read, parts.test, spec.feature_batch,
-                                     with_stats=False, progress=spec.fit.progress)[name]
+                                     with_stats=False, progress=spec.fit.progress)[name] \
+                    if len(parts.test) else np.zeros((0, 1), np.float32)
                 test = test_score(*predict(head, test_feats))
                 rec.add(name, "finetune", f, len(idx), time.perf_counter() - t,
                         size_label(size), len(spec.input_sizes), v, test)
-                if spec.tsne and f == max(parts.train):
+                if spec.tsne and len(parts.test) and f == max(parts.train):
                     _tsne(test_feats, labels[parts.test], data.class_names,
                           f"t-SNE of fine-tuned {name} features ({f:.0%} labels, test set)",
                           out / f"tsne_{slug(name)}_finetuned.png", spec)
@@ -386,6 +394,8 @@ def run_protocol(data: LabelledData, encoders: Mapping[str, nn.Module], spec: Ev
 
             def knn(rows: np.ndarray, kk: int, tr: np.ndarray = tr, idx: np.ndarray = idx
                     ) -> tuple[np.ndarray, np.ndarray | None]:
+                if len(rows) == 0:
+                    return np.zeros(0, np.int64), None
                 pred = knn_predict(stats[tr], labels[idx], stats[rows], kk)
                 return pred, (None if ml is None else knn_predict(stats[tr], ml[idx],
                                                                   stats[rows], kk))

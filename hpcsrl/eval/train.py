@@ -91,6 +91,8 @@ def predict(head: Head, feats: np.ndarray, batch_size: int = 4096
             preds.append(logits.argmax(dim=1).numpy())
             if ml_logits is not None:
                 ml.append((ml_logits > 0).numpy().astype(np.uint8))
+    if not preds:  # nothing to predict (e.g. a validation-only run's test part)
+        return np.zeros(0, np.int64), None
     return np.concatenate(preds), (np.concatenate(ml) if ml else None)
 
 
