@@ -2,7 +2,10 @@
 BatchNorm, then each rank saves its parameters to OUT/rank-R.pt (test_horovod_dp.py compares them
 with one process trained on the union of the ranks' batches).
 
-    horovod_steps.py OUT STEPS [--batches-per-allreduce N]
+    horovod_steps.py OUT STEPS [--batches-per-allreduce N] [--sync-bn]
+
+With --sync-bn BatchNorm stays in training mode and uses statistics over both ranks, which equal
+one process's statistics over the union.
 """
 
 from __future__ import annotations
@@ -25,9 +28,9 @@ EXACT_CFG = dict(method="lite-srl", bands="rgb", epochs=2, batch_size=8, input_s
                  warmup_epochs=0, schedule="step", decay_epochs=[1])
 
 
-def train_steps(trainer: Pretrainer, steps: int) -> None:
-    """`steps` steps of epoch 0 with BN in eval mode (no batch statistics) in float64."""
-    trainer.model.double().eval()
+def train_steps(trainer: Pretrainer, steps: int, batch_stats: bool = False) -> None:
+    """`steps` steps of epoch 0 in float64, BN in eval mode unless `batch_stats`."""
+    trainer.model.double().train(batch_stats)
     rank, cfg = trainer.dist.rank, trainer.cfg
     for i, batch in enumerate(trainer.my_batches(0)[:steps]):
         x = trainer.ds.read_batch(batch)[0]
@@ -39,11 +42,12 @@ def train_steps(trainer: Pretrainer, steps: int) -> None:
 def main() -> None:
     out, steps = Path(sys.argv[1]), int(sys.argv[2])
     k = int(sys.argv[4]) if len(sys.argv) > 4 else 1
+    sync_bn = "--sync-bn" in sys.argv
     torch.set_num_threads(1)
-    dist = HorovodDistribution()
+    dist = HorovodDistribution(sync_bn=sync_bn)
     trainer = Pretrainer(TensorPatches(n=40), PretrainConfig(**EXACT_CFG, batches_per_allreduce=k),
                          out / "run", dist=dist)
-    train_steps(trainer, steps)
+    train_steps(trainer, steps, batch_stats=sync_bn)
     torch.save({name: t.detach().clone() for name, t in trainer.model.state_dict().items()},
                out / f"rank-{dist.rank}.pt")
     trainer.lock.release()

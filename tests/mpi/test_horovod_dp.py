@@ -32,10 +32,11 @@ CLI = [PY, "-m", "hpcsrl.cli.main"]
 pytestmark = [pytest.mark.mpi, pytest.mark.usefixtures("needs_horovod")]
 
 
-def _union_reference(tmp_path: Path, steps: int, ranks: int) -> dict[str, torch.Tensor]:
+def _union_reference(tmp_path: Path, steps: int, ranks: int, batch_stats: bool = False
+                     ) -> dict[str, torch.Tensor]:
     """One process, same options, each step on the concatenation of the ranks' views."""
     trainer = Pretrainer(TensorPatches(n=40), PretrainConfig(**EXACT_CFG), tmp_path / "ref")
-    trainer.model.double().eval()
+    trainer.model.double().train(batch_stats)
     cfg = trainer.cfg
     for i, batch in enumerate(trainer.my_batches(0)[:steps]):
         x = trainer.ds.read_batch(batch)[0]
@@ -49,25 +50,30 @@ def _union_reference(tmp_path: Path, steps: int, ranks: int) -> dict[str, torch.
     return trainer.model.state_dict()
 
 
-@pytest.mark.parametrize("k", [1, 2])
-def test_two_ranks_equal_one_process_on_the_union(run_mpi, tmp_path: Path, k: int) -> None:
-    """Parameters after 4 steps (the 4th after a x0.1 decay is not reached: 5 steps per epoch)
-    agree to 1e-5 with one process; both ranks hold identical parameters. k = backward passes
-    per allreduce: the same gradient, summed from micro-batches."""
+@pytest.mark.parametrize("k,sync_bn", [(1, False), (2, False), (1, True)],
+                         ids=["eval-bn", "2-passes", "sync-bn"])
+def test_two_ranks_equal_one_process_on_the_union(run_mpi, tmp_path: Path, k: int,
+                                                   sync_bn: bool) -> None:
+    """Parameters and buffers after 4 steps agree to 1e-5 with one process on the union of the
+    ranks' views; both ranks hold identical values. 2-passes: 2 backward passes per allreduce
+    (the same gradient, summed from micro-batches). sync-bn: BatchNorm in training mode with
+    statistics over both ranks = one process's over the union (running statistics included)."""
     steps = 4
     run_mpi(2, [PY, str(HERE / "horovod_steps.py"), str(tmp_path), str(steps),
-                "--batches-per-allreduce", str(k)], timeout=400)
+                "--batches-per-allreduce", str(k), *(["--sync-bn"] if sync_bn else [])],
+            timeout=400)
     r0 = torch.load(tmp_path / "rank-0.pt")
     r1 = torch.load(tmp_path / "rank-1.pt")
     for name in r0:
         assert torch.equal(r0[name], r1[name]), name
-    ref = _union_reference(tmp_path, steps, ranks=2)
+    ref = _union_reference(tmp_path, steps, ranks=2, batch_stats=sync_bn)
     # a single step moves the weights far more than the tolerance: the comparison has teeth
     start = Pretrainer(TensorPatches(n=40), PretrainConfig(**EXACT_CFG), tmp_path / "start")
     start.lock.release()
     moved = max((start.model.state_dict()[n].double() - ref[n]).abs().max().item()
                 for n in ref if ref[n].is_floating_point())
     diff = max((r0[n] - ref[n]).abs().max().item() for n in ref if ref[n].is_floating_point())
+    print(f"max |2 ranks - union| {diff:.2e}; one step moves the weights by {moved:.2e}")
     assert moved > 1e-3 and diff <= 1e-5, (moved, diff)
 
 
