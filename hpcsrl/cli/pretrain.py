@@ -88,7 +88,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_parallel_arguments(p, schedule="cosine")
 
 
-def add_parallel_arguments(p: argparse.ArgumentParser, schedule: str) -> None:
+def add_parallel_arguments(p: argparse.ArgumentParser, schedule: str,
+                           nesterov: str = "on with several ranks, off alone") -> None:
     """The LR recipe and Horovod options shared by `hpcsrl pretrain` and `hpcsrl train`."""
     g = p.add_argument_group(
         "learning-rate recipe and data parallelism",
@@ -104,11 +105,12 @@ def add_parallel_arguments(p: argparse.ArgumentParser, schedule: str) -> None:
                    help="--schedule step: epochs after which lr is x0.1 (default 30,60,80 %% of "
                    "--epochs, as the seed's 30,60,80 of 100)")
     g.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=None,
-                   help="Nesterov momentum (default: on with several ranks, off alone)")
+                   help=f"Nesterov momentum (default: {nesterov})")
     g.add_argument("--batches-per-allreduce", type=int, default=1, metavar="N",
                    help="split each rank's part of a step into N micro-batches whose gradients "
-                   "add up before one allreduce (fewer, larger messages; BatchNorm sees "
-                   "micro-batches; default 1)")
+                   "add up before one allreduce (BatchNorm sees micro-batches; multiply "
+                   "--batch-size by N to keep the micro-batch and send N x fewer bytes per "
+                   "image; default 1)")
     g.add_argument("--sync-bn", action="store_true",
                    help="BatchNorm statistics over all ranks' batches (for small per-rank batches)")
     g.add_argument("--fp16-allreduce", action="store_true",

@@ -46,7 +46,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_split_arguments(p)
-    add_parallel_arguments(p, schedule="step")
+    add_parallel_arguments(p, schedule="step", nesterov="on, as the seed")
 
 
 def check_arguments(args: argparse.Namespace) -> list[int] | None:
