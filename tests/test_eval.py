@@ -183,6 +183,10 @@ def test_freeze_protocol_leaves_encoder_bit_identical_and_reports(tmp_path):
         assert 0.0 <= r["oa"] <= 1.0 and -1.0 <= r["kappa"] <= 1.0
     assert (tmp_path / "confusion_tiny_freeze_20pct.csv").is_file()
     assert (tmp_path / "confusion_tiny_freeze_20pct.png").stat().st_size > 0
+    rows = run_protocol(LabelledData(array_reader(x), y, ["a", "b", "c"]), {"tiny@1.5min": enc},
+                        spec, tmp_path / "dots")  # a dot in the name must not clip file names
+    assert (tmp_path / "dots" / "confusion_tiny_1.5min_freeze_20pct.csv").is_file()
+    assert (tmp_path / "dots" / "confusion_tiny_1.5min_freeze_50pct.csv").is_file()
     per_class = read_csv(tmp_path / "per_class.csv")
     assert len(per_class) == 4 * 3
 

@@ -244,11 +244,11 @@ class _Recorder:
                                    "recall": pc["recall"][c], "f1": pc["f1"][c],
                                    "support": int(pc["support"][c])})
         if rep is not None:
-            base = self.out / f"confusion_{run_name(encoder, mode, fraction)}"
-            write_confusion_csv(base.with_suffix(".csv"), rep["confusion"], names)
+            base = f"confusion_{run_name(encoder, mode, fraction)}"  # may hold dots: no suffix
+            write_confusion_csv(self.out / f"{base}.csv", rep["confusion"], names)
             plot_confusion(rep["confusion"], names,
                            f"{encoder} {mode} {fraction:.0%} labels: test OA {rep['oa']:.3f}",
-                           base.with_suffix(".png"))
+                           self.out / f"{base}.png")
         self.log.info("%-14s %-8s %4.0f%%  val OA %.4f  test OA %.4f  kappa %.4f  macro-F1 %.4f"
                       "  [%s]  (%d train, %.1f s)", encoder, mode, fraction * 100, val["oa"],
                       test["oa"], test["kappa"], test["macro_f1"], setting, n_train, seconds)
