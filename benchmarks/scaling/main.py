@@ -27,6 +27,7 @@ import numpy as np
 
 from hpcsrl.fileio import atomic_path
 from hpcsrl.log import get_logger
+from hpcsrl.parallel.horovod import DEFAULT_CYCLE_TIME_MS
 
 HERE = Path(__file__).resolve().parent
 WORKER = HERE / "worker.py"
@@ -63,7 +64,8 @@ def runs(args: argparse.Namespace) -> list[dict]:
     out = []
 
     def add(group: str, mode: str, scaling: str, ranks: int, micro: int, bpa: int = 1,
-            cycle: str = "20", fp16: bool = False, bytes_: bool = False) -> None:
+            cycle: str = DEFAULT_CYCLE_TIME_MS, fp16: bool = False,
+            bytes_: bool = False) -> None:
         out.append(dict(group=group, mode=mode, scaling=scaling, ranks=ranks, micro_batch=micro,
                         batches_per_allreduce=bpa, cycle_time_ms=cycle, fp16_allreduce=fp16,
                         measure_bytes=bytes_))
@@ -74,8 +76,8 @@ def runs(args: argparse.Namespace) -> list[dict]:
         return out
     add("weak-horovod-defaults", "synthetic", "weak", 1, m, cycle="1")
     add("weak-horovod-defaults", "synthetic", "weak", 2, m, cycle="1")
-    add("weak-cycle50", "synthetic", "weak", 1, m, cycle="50")
-    add("weak-cycle50", "synthetic", "weak", 2, m, cycle="50")
+    add("weak-cycle20", "synthetic", "weak", 1, m, cycle="20")
+    add("weak-cycle20", "synthetic", "weak", 2, m, cycle="20")
     add("weak-2-passes", "synthetic", "weak", 1, m, bpa=2)
     add("weak-2-passes", "synthetic", "weak", 2, m, bpa=2)
     add("weak-fp16", "synthetic", "weak", 1, m)

@@ -23,7 +23,7 @@ from hpcsrl.parallel.sync_bn import convert_sync_bn
 
 # Launcher variables that give the number of ranks (mpirun, srun job step, horovodrun).
 SIZE_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "HOROVOD_SIZE")
-DEFAULT_CYCLE_TIME_MS = "20"
+DEFAULT_CYCLE_TIME_MS = "50"
 
 
 def launched_ranks() -> int:
