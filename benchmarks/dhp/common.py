@@ -124,9 +124,9 @@ def run_dhp(plan: Path, profile: Path, out: Path, iterations: int, *, chains: st
                  "launch_s": round(time.perf_counter() - t0, 1)}
         write_json(side, extra)
         rep.update(extra)
-    spans = window_spans(read_trace(out), aggregate_every)
-    rep["between_aggregations_s"] = round(spans, 3)
-    rep["throughput_between_aggregations_per_s"] = rep["iterations"] / spans
+    rep["between_aggregations_s"] = round(rep["wall_s"] - aggregation_pause(rep), 3)
+    rep["throughput_between_aggregations_per_s"] = (rep["iterations"]
+                                                    / rep["between_aggregations_s"])
     print(f"  {chains} {'/'.join(map(str, rep['replicas']))}: {rep['iterations']} it in "
           f"{rep['wall_s']:.1f} s, {rep['throughput_per_s']:.3f}/s, bound "
           f"{rep['bound_per_s']:.3f}/s ({rep['throughput_per_s'] / rep['bound_per_s']:.3f}; "
@@ -135,16 +135,13 @@ def run_dhp(plan: Path, profile: Path, out: Path, iterations: int, *, chains: st
     return rep
 
 
-def window_spans(trace: dict[int, dict[int, dict[str, float]]], every: int) -> float:
-    """Seconds spent running mini-batches, aggregation pauses left out: per window of `every`
-    ids, from its first forward to its last backward (fill and drain stay in)."""
-    win: dict[int, list[float]] = {}
-    for mb, d in trace.items():
-        lo = min(x["forward_start"] for x in d.values())
-        hi = max(x["backward_end"] for x in d.values())
-        w = win.setdefault(mb // every, [lo, hi])
-        w[0], w[1] = min(w[0], lo), max(w[1], hi)
-    return sum(hi - lo for lo, hi in win.values())
+def aggregation_pause(rep: dict[str, Any]) -> float:
+    """Seconds of the wall time lost to aggregation rounds: the longest any rank spent in them
+    (everyone waits for the slowest stage's averaging, since the next window's chains need all
+    stages), for the rounds inside the wall time (the final one comes after it)."""
+    rounds = -(-rep["iterations"] // rep["aggregate_every"])
+    slowest = max(r["aggregate_s"] for r in rep["ranks"])
+    return slowest * (rounds - 1) / rounds
 
 
 def read_trace(out: Path) -> dict[int, dict[int, dict[str, float]]]:
