@@ -18,7 +18,6 @@ backward started and ended, from which transfer and stage times follow.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -187,23 +186,10 @@ def parse_slowdown(items: Sequence[str]) -> dict[int, float]:
     return out
 
 
-def _read_plan(path: str) -> dict[str, Any]:
-    try:
-        plan = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as exc:
-        raise UserError(f"--plan {path}: not readable JSON ({exc})") from None
-    stages = plan.get("stages") if isinstance(plan, dict) else None
-    if not isinstance(stages, list) or not stages or not all(
-            isinstance(s, dict) and {"first_unit", "last_unit", "replicas"} <= s.keys()
-            for s in stages):
-        raise UserError(f"--plan {path}: no stages with first_unit/last_unit/replicas "
-                        "(write it with `hpcsrl plan`)")
-    return plan
-
-
 def check_emulated_run(o: Any, size: int) -> dict[str, Any]:
     """The run description of `hpcsrl dhp --emulate` (same keys the runtime reads as for a real
     run, plus "emulate"); raises UserError in one line. `o` is a `DhpOptions`."""
+    from hpcsrl.pipeline.run import _read_plan
     from hpcsrl.planning.profile import load_profile
     from hpcsrl.train.lock import RunLock
     from hpcsrl.train.loop import PretrainConfig
