@@ -373,7 +373,7 @@ def plot(path: Path, rows: list[dict], minutes: float) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    fig, ax = plt.subplots(figsize=(9.5, 4.8))
     colours = {"lite-srl": "tab:blue", "simsiam": "tab:orange"}
     styles = {0.1: "-", 0.2: "--", 0.5: ":"}
     for m in sorted({r["method"] for r in rows if r["method"] in colours}):
@@ -400,7 +400,7 @@ def plot(path: Path, rows: list[dict], minutes: float) -> None:
     ax.set_xlim(0, max(minutes, 0.1) * 1.08)
     ax.set_title("EuroSAT RGB: frozen / fine-tuned OA vs pre-training budget")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
