@@ -21,6 +21,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +35,8 @@ WORKER = HERE / "worker.py"
 CORES = os.cpu_count() or 1
 log = get_logger("hpcsrl.bench")
 COLUMNS = ("group", "mode", "scaling", "ranks", "oversubscribed", "micro_batch",
-           "batches_per_allreduce", "global_batch", "cycle_time_ms", "fp16_allreduce", "step_s",
+           "batches_per_allreduce", "global_batch", "cycle_time_ms", "yield_when_idle",
+           "fp16_allreduce", "step_s",
            "images_per_s", "epoch_images", "time_per_epoch_s", "speedup", "efficiency",
            "efficiency_per_core", "gradient_MB", "allreduce_horovod_s", "allreduce_mpi_s",
            "allreduce_ring_model_s", "bandwidth_GBps", "bytes_sent_per_rank_per_step",
@@ -54,6 +56,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="images of the epoch that time_per_epoch_s refers to (default 27000, "
                    "EuroSAT)")
     p.add_argument("--quick", action="store_true", help="fewer runs: weak synthetic 1/2 ranks")
+    p.add_argument("--only", default=None, metavar="GROUP,...",
+                   help="run only these groups (e.g. weak,weak-2-passes) and append their rows "
+                   "to an existing scaling.csv under a new timestamped group name")
+    p.add_argument("--ranks", default="1,2,4", help="with --only: these rank counts")
     p.add_argument("--timeout", type=float, default=900)
     return p.parse_args(argv)
 
@@ -65,10 +71,10 @@ def runs(args: argparse.Namespace) -> list[dict]:
 
     def add(group: str, mode: str, scaling: str, ranks: int, micro: int, bpa: int = 1,
             cycle: str = DEFAULT_CYCLE_TIME_MS, fp16: bool = False,
-            bytes_: bool = False) -> None:
+            bytes_: bool = False, yield_: bool = False) -> None:
         out.append(dict(group=group, mode=mode, scaling=scaling, ranks=ranks, micro_batch=micro,
                         batches_per_allreduce=bpa, cycle_time_ms=cycle, fp16_allreduce=fp16,
-                        measure_bytes=bytes_))
+                        measure_bytes=bytes_, yield_when_idle=yield_))
 
     for k in (1, 2) if args.quick else (1, 2, 4):
         add("weak", "synthetic", "weak", k, m, bytes_=k > 1)
@@ -80,6 +86,10 @@ def runs(args: argparse.Namespace) -> list[dict]:
     add("weak-cycle20", "synthetic", "weak", 2, m, cycle="20")
     add("weak-2-passes", "synthetic", "weak", 1, m, bpa=2)
     add("weak-2-passes", "synthetic", "weak", 2, m, bpa=2)
+    add("weak-yield", "synthetic", "weak", 1, m, yield_=True)
+    add("weak-yield", "synthetic", "weak", 2, m, yield_=True)
+    add("weak-2-passes-yield", "synthetic", "weak", 1, m, bpa=2, yield_=True)
+    add("weak-2-passes-yield", "synthetic", "weak", 2, m, bpa=2, yield_=True)
     add("weak-fp16", "synthetic", "weak", 1, m)
     add("weak-fp16", "synthetic", "weak", 2, m, fp16=True, bytes_=True)
     for k in (1, 2, 4):
@@ -122,6 +132,8 @@ def launch(run: dict, args: argparse.Namespace, data: Path, steps: int, warmup: 
     mon = work / "mon"
     cmd = ["mpirun", "--oversubscribe", "--bind-to", "none", "--map-by", "slot", "-np", str(k),
            "-x", f"HOROVOD_CYCLE_TIME={run['cycle_time_ms']}", "-x", "OMP_NUM_THREADS=1"]
+    if run.get("yield_when_idle"):
+        cmd += ["--mca", "mpi_yield_when_idle", "1"]
     if run["measure_bytes"]:
         cmd += ["--mca", "pml_monitoring_enable", "1", "--mca", "pml_monitoring_enable_output",
                 "3", "--mca", "pml_monitoring_filename", str(mon)]
@@ -154,7 +166,8 @@ def measure(run: dict, args: argparse.Namespace, data: Path) -> dict:
         per_step_bytes = (res["sent_bytes"] - short["sent_bytes"]) / (args.steps + args.warmup - 1)
     step_s = res["step_s"]
     row = {**{k: run[k] for k in ("group", "mode", "scaling", "ranks", "micro_batch",
-                                  "batches_per_allreduce", "cycle_time_ms", "fp16_allreduce")},
+                                  "batches_per_allreduce", "cycle_time_ms", "fp16_allreduce",
+                                  "yield_when_idle")},
            "oversubscribed": run["ranks"] > CORES, "global_batch": res["global_batch"],
            "step_s": step_s, "images_per_s": res["images_per_s"],
            "epoch_images": args.epoch_images,
@@ -170,6 +183,20 @@ def measure(run: dict, args: argparse.Namespace, data: Path) -> dict:
              step_s, res["images_per_s"],
              f", {per_step_bytes / 1e6:.1f} MB sent/rank/step" if per_step_bytes else "")
     return row
+
+
+def _typed(row: dict) -> dict:
+    """A CSV row back with numbers as numbers (empty -> None)."""
+    out: dict = {}
+    for k, v in row.items():
+        if v == "":
+            out[k] = None
+        elif k in ("group", "mode", "scaling", "cycle_time_ms", "fp16_allreduce",
+                   "oversubscribed", "yield_when_idle"):
+            out[k] = v
+        else:
+            out[k] = float(v) if "." in v or "e" in v else int(v)
+    return out
 
 
 def add_ratios(rows: list[dict]) -> None:
@@ -236,7 +263,17 @@ def main(argv: list[str] | None = None) -> int:
         if not data.exists():
             make_data(data)
     rows = []
-    for run in runs(args):
+    todo = runs(args)
+    if args.only:
+        keep = set(args.only.split(","))
+        ranks = {int(k) for k in args.ranks.split(",")}
+        todo = [dict(r, group=f"{r['group']}@{time.strftime('%H:%M')}") for r in todo
+                if r["group"] in keep and r["ranks"] in ranks]
+        path = args.results / "scaling.csv"
+        if path.exists():
+            with open(path) as f:
+                rows = [_typed(r) for r in csv.DictReader(f)]
+    for run in todo:
         rows.append(measure(run, args, data))
         add_ratios(rows)
         write_csv(rows, args.results / "scaling.csv")
