@@ -5,9 +5,10 @@ slower, fixed 2x3 chains against dynamic 3/2/1, with the paper's per-node times.
 
 Model (one mini-batch per node, as the planner's bound): a node is held for its own forward and
 backward plus everything downstream, L; a stage serves sum over its nodes of 1/L; throughput is
-the smallest stage's. The slow node's L grows by (F-1) x its own time. Fixed chains lose that on
-the slow node's whole chain; dynamic chains lose only the slow node's capacity in its stage, at
-most its share of the stage's work: (1/3) x (1 - L/L') here. Writes results/hetero.csv and
+the smallest stage's. The slow node's L grows by (F-1) x its own time. Fixed chains get equal
+shares of every aggregation window, so the slow node's chain paces both; dynamic chains lose
+only the slow node's capacity in its stage, at most its share of the stage's work:
+(1/3) x (1 - L/L') here. Writes results/hetero.csv and
 hetero.png.
 """
 
@@ -38,10 +39,13 @@ def model_rate(times: list[float], replicas: list[int], slow: int, factor: float
     stage_of = [s for s, r in enumerate(replicas) for _ in range(r)]
     extra = [(factor - 1) * times[stage_of[r]] if r == slow else 0.0
              for r in range(len(stage_of))]
-    if fixed:  # chain k = replica k of every stage, one mini-batch at a time through all of it
+    if fixed:  # chain k = replica k of every stage, one mini-batch at a time through all of
+        # it; every chain gets the same number of ids per aggregation window, so the slowest
+        # chain paces them all
         first = [sum(replicas[:s]) for s in range(len(replicas))]
-        return sum(1 / (sum(times) + sum(extra[first[s] + k] for s in range(len(times))))
-                   for k in range(replicas[0]))
+        return replicas[0] * min(
+            1 / (sum(times) + sum(extra[first[s] + k] for s in range(len(times))))
+            for k in range(replicas[0]))
     return min(sum(1 / (sum(times[s:]) + extra[r]) for r in range(len(stage_of))
                    if stage_of[r] == s) for s in range(len(replicas)))
 
