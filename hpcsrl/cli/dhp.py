@@ -66,7 +66,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="--emulate: that rank's times are F times longer (repeatable)")
 
 
+# OpenMPI's default non-blocking reduce (libnbc "chain") moves a large message in small segments
+# that each need a Test() from both sides: under the runtime's polled waits a stage's 10.8 MB
+# state took 2.9 s to aggregate, 0.011 s with the binomial algorithm (benchmarks/dhp/common.py).
+# Set before mpi4py initialises MPI; a value the user exported wins.
+MPI_DEFAULTS = {"OMPI_MCA_coll_libnbc_ireduce_algorithm": "2"}
+
+
 def run(args: argparse.Namespace) -> int:
+    import os
+
+    for key, value in MPI_DEFAULTS.items():
+        os.environ.setdefault(key, value)
     from hpcsrl.cli.pretrain import parse_method_options
     from hpcsrl.errors import UserError
     from hpcsrl.pipeline.emulate import parse_slowdown, parse_time_scale
