@@ -382,3 +382,17 @@ def test_batch_larger_than_the_data_is_refused_with_the_patch_count(tmp_path):
     with pytest.raises(UserError, match="larger than the 16 training patches"):
         Pretrainer(TensorPatches(n=20), _cfg(batch_size=32, monitor_samples=8), tmp_path / "o")
     assert not (tmp_path / "o" / ".hpcsrl.lock").exists()
+
+
+def test_refused_second_run_does_not_touch_the_split(tmp_path, capsys):
+    import os
+    import socket
+
+    data = _write_rgb_h5(tmp_path / "d.h5", n=16)
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / ".hpcsrl.lock").write_text(f"{socket.gethostname()} {os.getppid()}\n")
+    assert main(["pretrain", "--data", str(data), "--epochs", "1", "--batch-size", "8",
+                 "--input-size", "32", "--out", str(out), "--threads", "1", "--no-progress"]) == 2
+    assert "in use by another run" in capsys.readouterr().err
+    assert not (out / "split.json").exists() and (out / ".hpcsrl.lock").exists()

@@ -170,6 +170,7 @@ def run(args: argparse.Namespace) -> int:
 
     from hpcsrl.parallel.horovod import make_distribution
     from hpcsrl.train.distribution import RankStopped, everywhere
+    from hpcsrl.train.lock import RunLock
     from hpcsrl.train.loop import PretrainConfig, Pretrainer
 
     torch.set_num_threads(args.threads if args.threads is not None else default_threads())
@@ -186,13 +187,24 @@ def run(args: argparse.Namespace) -> int:
                          in_memory=args.in_memory, nesterov=args.nesterov,
                          schedule=args.schedule, warmup_epochs=args.warmup_epochs,
                          decay_epochs=decay, batches_per_allreduce=args.batches_per_allreduce)
+    # The folder lock comes first: a run refused because another one holds OUT must not read or
+    # write OUT/split.json (the trainer re-takes the same lock, re-entrantly, and releases it).
+    lock = RunLock(args.out)
+
+    def dataset() -> Any:
+        if dist.is_writer:
+            lock.acquire()
+        return pretrain_dataset(args, write_split=dist.is_writer)
+
     try:
-        ds = everywhere(dist, lambda: pretrain_dataset(args, write_split=dist.is_writer))
+        ds = everywhere(dist, dataset)
         trainer = Pretrainer(ds, cfg, args.out, resume=args.resume, dist=dist)
         log_split(ds)  # after the set-up checks: a refused run prints its one error line only
         trainer.run()
     except RankStopped:
         return 2  # another rank failed; rank 0 printed why
+    finally:
+        lock.release()
     return 0
 
 
