@@ -43,7 +43,7 @@ from hpcsrl.train.batches import check_batch_size, epoch_batches, seed_for, shar
 from hpcsrl.train.checkpoint import read_checkpoint, rng_state, set_rng_state, write_checkpoint
 from hpcsrl.train.distribution import Distribution, SingleProcess, everywhere
 from hpcsrl.train.lock import RunLock
-from hpcsrl.train.optim import make_optimizer, make_scheduler
+from hpcsrl.train.optim import accumulated_step, make_optimizer, make_scheduler
 
 CHECKPOINT = "checkpoint.pt"
 LOG_COLUMNS = ("epoch", "loss", "lr", "val_f1_micro", "val_f1_macro", "seconds", "images_per_s")
@@ -261,17 +261,12 @@ class ClassTrainer:
     def step(self, x: Tensor, y: Tensor) -> Tensor:
         """One optimisation step (k micro-batches, gradients summed); returns the local loss."""
         k = self.cfg.batches_per_allreduce
-        self.opt.zero_grad()
-        total = torch.zeros(())
-        for xi, yi in zip(x.chunk(k), y.chunk(k), strict=True):
-            loss = F.binary_cross_entropy_with_logits(self.model(xi), yi)
-            if not torch.isfinite(loss):
-                raise UserError(f"loss became {loss.item()}: lower --lr (now "
-                                f"{self.cfg.base_lr:g})")
-            (loss if k == 1 else loss / k).backward()
-            total = total + loss.detach()
-        self.opt.step()
-        return total / k
+
+        def bce(xi: Tensor, yi: Tensor) -> Tensor:
+            return F.binary_cross_entropy_with_logits(self.model(xi), yi)
+
+        return accumulated_step(self.opt, bce, zip(x.chunk(k), y.chunk(k), strict=True), k,
+                                self.cfg.base_lr)
 
     def train_epoch(self, epoch: int) -> tuple[float, int, float, float]:
         cfg, rank = self.cfg, self.dist.rank

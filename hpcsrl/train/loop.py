@@ -59,7 +59,7 @@ from hpcsrl.train.batches import (
 from hpcsrl.train.checkpoint import read_checkpoint, rng_state, set_rng_state, write_checkpoint
 from hpcsrl.train.distribution import Distribution, SingleProcess, everywhere
 from hpcsrl.train.lock import RunLock
-from hpcsrl.train.optim import make_optimizer, make_scheduler
+from hpcsrl.train.optim import accumulated_step, make_optimizer, make_scheduler
 
 LOG_COLUMNS = ("epoch", "loss", "lr", "emb_std", "knn_acc", "seconds", "images_per_s")
 CHECKPOINT = "checkpoint.pt"
@@ -415,17 +415,9 @@ class Pretrainer:
         With `batches_per_allreduce` k > 1 the views are cut into k micro-batches whose gradients
         add up (each loss / k) before the one step (and, data parallel, the one allreduce)."""
         k = self.cfg.batches_per_allreduce
-        self.opt.zero_grad()  # set_to_none (torch's default; Horovod's takes no argument)
-        total = torch.zeros(())
-        for part_a, part_b in zip(x_a.chunk(k), x_b.chunk(k), strict=True):
-            loss = self.model(part_a, part_b)
-            if not torch.isfinite(loss):
-                raise UserError(f"loss became {loss.item()}: lower --lr (now "
-                                f"{self.cfg.base_lr:g})")
-            (loss if k == 1 else loss / k).backward()
-            total = total + loss.detach()
-        self.opt.step()
-        return total / k
+        return accumulated_step(self.opt, self.model,
+                                zip(x_a.chunk(k), x_b.chunk(k), strict=True), k,
+                                self.cfg.base_lr)
 
     def train_epoch(self, epoch: int) -> tuple[float, int, float, float]:
         """One pass over the shuffled training patches: (mean loss, images, seconds, last lr)."""

@@ -4,11 +4,13 @@ by global iteration)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Protocol
 
 import torch
+from torch import Tensor
 
+from hpcsrl.errors import UserError
 from hpcsrl.schedules import CosineDecay
 
 
@@ -33,3 +35,20 @@ def make_scheduler(opt: torch.optim.Optimizer, total_steps: int,
     """Per-iteration LR factor (default: cosine decay to 0 over `total_steps`); the factor is an
     object so the scheduler's state_dict stores its parameters for exact resume."""
     return torch.optim.lr_scheduler.LambdaLR(opt, factor or CosineDecay(total_steps))
+
+
+def accumulated_step(opt: torch.optim.Optimizer, loss_of: Callable[..., Tensor],
+                     parts: Iterable[tuple[Tensor, ...]], k: int, lr: float) -> Tensor:
+    """One optimiser step over k micro-batches (each loss / k, gradients summed, so data
+    parallelism allreduces once); a non-finite loss is a UserError naming `lr`. Returns the
+    mean local loss, detached."""
+    opt.zero_grad()  # set_to_none (torch's default; Horovod's takes no argument)
+    total = torch.zeros(())
+    for part in parts:
+        loss = loss_of(*part)
+        if not torch.isfinite(loss):
+            raise UserError(f"loss became {loss.item()}: lower --lr (now {lr:g})")
+        (loss if k == 1 else loss / k).backward()
+        total = total + loss.detach()
+    opt.step()
+    return total / k
