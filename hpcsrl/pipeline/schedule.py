@@ -17,8 +17,9 @@ busy one at (its expected release) + that average. If the best replica is busy t
 waits for it (a slow free node is not worth it); otherwise it is matched at once. So a slower
 node gets proportionally less work, and with equal nodes requests go to whichever is free. The
 backward returns along the same chain (each rank remembers its upstream rank). Fixed chains
-(Fig. 4a): chain c is replica c of every stage, routing goes to the chain neighbour and chain c
-gets every C-th mini-batch id of each window.
+(Fig. 4a, `FixedChains` at the end): C = max_s r_s chains, chain c is replica c mod r_s of every
+stage, routing goes to the chain neighbour, chain c gets every C-th mini-batch id of each window,
+and a replica shared by several chains takes their ids in increasing order (round-robin).
 
 Mini-batch ids are issued in increasing order (per chain with fixed chains), to stage-0 replicas
 only, windows of K at a time. When a window's ids are all issued and every rank is free, all
@@ -86,16 +87,14 @@ class Scheduler:
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
             raise ValueError(f"chains must be one of {', '.join(POLICIES)}")
-        if self.policy == "fixed" and self.layout.fixed_chains is None:
-            raise ValueError(f"fixed chains need the same number of replicas on every stage, "
-                             f"the plan has {'/'.join(map(str, self.layout.replicas))}")
+        self.fixed: FixedChains | None = (FixedChains(self.layout) if self.policy == "fixed"
+                                          else None)
         if self.aggregate_every < 1:
             raise ValueError("aggregation interval must be at least 1")
         self.ranks = {r: _Rank(self.layout.stage_of(r)) for r in range(self.layout.size)}
         self.next_mb = self.first
         self.window_end = self.first
         self.waiting: list[deque[int]] = [deque() for _ in range(self.layout.stages)]
-        self.chain_ids: list[deque[int]] = []
         self._open_window()
 
     # --- events ------------------------------------------------------------------------------
@@ -153,10 +152,8 @@ class Scheduler:
     # --- internals ---------------------------------------------------------------------------
     def _open_window(self) -> None:
         self.window_end = min(self.total, self.next_mb + self.aggregate_every)
-        if self.policy == "fixed":
-            c = self.layout.fixed_chains or 1
-            self.chain_ids = [deque(range(self.next_mb + i, self.window_end, c))
-                              for i in range(c)]
+        if self.fixed is not None:
+            self.fixed.open(self.next_mb, self.window_end)
 
     def _free_ranks(self, stage: int) -> list[int]:
         return [r for r in self.layout.ranks_of(stage) if self.ranks[r].phase == "idle"]
@@ -170,9 +167,13 @@ class Scheduler:
 
         `release[r]`: when replica r is expected to be free (updated as requests are promised
         to busy replicas during one dispatch)."""
-        if self.policy == "fixed":
-            partner = self.layout.rank_of(stage, self.layout.replica_of(upstream))
-            return partner if self.ranks[partner].phase == "idle" else None
+        if self.fixed is not None:
+            mb = self.ranks[upstream].mb
+            partner = self.fixed.member(mb, stage)
+            if self.ranks[partner].phase != "idle" or self.fixed.next(partner) != mb:
+                return None
+            self.fixed.take(partner, mb)
+            return partner
         best: tuple[float, int, int] | None = None
         for r in self.layout.ranks_of(stage):
             st = self.ranks[r]
@@ -230,20 +231,79 @@ class Scheduler:
         return out
 
     def _window_done(self) -> bool:
-        return self.policy != "fixed" or not any(self.chain_ids)
+        return self.fixed is None or self.fixed.done
 
     def _next_id(self, rank: int) -> int | None:
-        if self.policy == "fixed":
-            ids = self.chain_ids[self.layout.replica_of(rank)]
-            if not ids:
+        if self.fixed is not None:
+            mb = self.fixed.next(rank)
+            if mb is None:
                 return None
-            mb = ids.popleft()
-            self.next_mb = max(self.next_mb, mb + 1)
-            if not any(self.chain_ids):
-                self.next_mb = self.window_end
+            self.fixed.take(rank, mb)
+            self.next_mb = self.window_end if self.fixed.issued else max(self.next_mb, mb + 1)
             return mb
         if self.next_mb >= self.window_end:
             return None
         mb = self.next_mb
         self.next_mb += 1
         return mb
+
+
+# --- fixed chains on any replica counts (Fig. 4a) -------------------------------------------
+class FixedChains:
+    """Fixed chains for stages with equal or unequal replica counts.
+
+    There are C = max_s r_s chains; chain c is replica c mod r_s of every stage s (with 3/2/1:
+    ranks 0-3-5, 1-4-5, 2-3-5), so every rank is in at least one chain and its neighbours never
+    change. Mini-batch id `start + i` of a window belongs to chain i mod C. A replica shared by
+    several chains serves them in a fixed round-robin order: it takes its chains' ids strictly
+    in increasing order (`queues[rank]`), at every stage.
+
+    Why this cannot deadlock: take the lowest id m not yet finished. Every id a rank of m's
+    chain was given before m is lower, so finished, and that rank is free with m at the head
+    of its queue; so m's stage-0 rank gets it, each next-stage partner accepts it as soon as it
+    is handed down, and m finishes. By induction every id of the window finishes.
+    """
+
+    def __init__(self, layout: Layout) -> None:
+        self.layout = layout
+        self.chains = max(layout.replicas)
+        self.members = [[layout.rank_of(s, c % r) for s, r in enumerate(layout.replicas)]
+                        for c in range(self.chains)]
+        self.start = 0
+        self.queues: dict[int, deque[int]] = {r: deque() for r in range(layout.size)}
+
+    def chain_of(self, mb: int) -> int:
+        return (mb - self.start) % self.chains
+
+    def member(self, mb: int, stage: int) -> int:
+        """The stage-`stage` rank of mini-batch `mb`'s chain."""
+        return self.members[self.chain_of(mb)][stage]
+
+    def open(self, start: int, end: int) -> None:
+        """Ids [start, end) for a new window; every rank's queue must be empty."""
+        if any(self.queues.values()):
+            raise ValueError("a fixed-chain window opened before the last one finished")
+        self.start = start
+        for mb in range(start, end):
+            for r in self.members[self.chain_of(mb)]:
+                self.queues[r].append(mb)
+
+    def next(self, rank: int) -> int | None:
+        """The only id `rank` may take next (None: nothing left in this window)."""
+        q = self.queues[rank]
+        return q[0] if q else None
+
+    def take(self, rank: int, mb: int) -> None:
+        if self.next(rank) != mb:
+            raise ValueError(f"rank {rank} takes mini-batch {mb} out of its chains' order "
+                             f"(next is {self.next(rank)})")
+        self.queues[rank].popleft()
+
+    @property
+    def issued(self) -> bool:
+        """Every id of the window was given to its stage-0 rank."""
+        return not any(self.queues[r] for r in self.layout.ranks_of(0))
+
+    @property
+    def done(self) -> bool:
+        return not any(self.queues.values())
