@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from hpcsrl.errors import UserError
+from hpcsrl.models.baselines.moco_v2 import KeyQueue
 from hpcsrl.parallel.sync_bn import convert_sync_bn
 
 # Launcher variables that give the number of ranks (mpirun, srun job step, horovodrun).
@@ -64,11 +65,20 @@ class HorovodDistribution:
     def _sum(self, x: torch.Tensor) -> torch.Tensor:
         return self.hvd.allreduce(x, op=self.hvd.Sum)
 
+    def _gather(self, x: torch.Tensor) -> torch.Tensor:
+        """Every rank's rows of `x`, rank 0's first (the same tensor on every rank)."""
+        return self.hvd.allgather(x, name="hpcsrl.gather")
+
     def prepare_model(self, model: nn.Module) -> nn.Module:
         """Parameters back in contiguous layout (Horovod's collectives refuse channels-last
         tensors; gradients follow their parameter's layout), BatchNorm synchronised on request.
-        Channels-last inputs still select the NHWC convolution kernels."""
+        Channels-last inputs still select the NHWC convolution kernels. MoCo's key queues enqueue
+        the keys of all ranks, as MoCo does under data parallelism: a rank's own keys alone would
+        give every replica other negatives and let the replicas drift apart."""
         model.to(memory_format=torch.contiguous_format)
+        for m in model.modules():
+            if isinstance(m, KeyQueue):
+                m.gather = self._gather
         return convert_sync_bn(model, self._sum, self.size) if self.sync_bn else model
 
     def wrap_optimizer(self, opt: torch.optim.Optimizer, model: nn.Module,

@@ -9,9 +9,15 @@ adds 2 x 262,656.
 Units: encoder layers act on position 0 of `(x, x_key)`; the last unit holds the key encoder and
 the queue, runs the keys under no_grad and remembers them; `after_step` does the momentum update
 and enqueues them (so the forward pass itself never changes state).
+
+Data parallel, each rank computes the keys of its own shard only; like MoCo under DDP, the queue
+enqueues the keys of every rank (`KeyQueue.gather`, set by `hpcsrl.parallel.horovod`), so all
+replicas hold the same negatives, as one process on the global batch would.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -27,17 +33,33 @@ from hpcsrl.models.units import Unit
 
 
 class KeyQueue(nn.Module):
-    """A ring buffer of normalised keys (K, d), stored in checkpoints."""
+    """A ring buffer of normalised keys (K, d), stored in checkpoints.
+
+    `pending` collects the keys of every forward pass since the last step (all micro-batches of
+    an accumulated step, at most K rows); `gather`, when set, turns a rank's keys into the
+    concatenation of every rank's (an allgather), so every replica enqueues the same rows.
+    Any K works with any batch: the ring wraps, and more than K new keys keep the last K.
+    """
 
     def __init__(self, size: int, dim: int) -> None:
         super().__init__()
         self.register_buffer("keys", F.normalize(torch.randn(size, dim), dim=1))
         self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
         self.pending: Tensor | None = None
+        self.gather: Callable[[Tensor], Tensor] | None = None
+
+    def remember(self, k: Tensor) -> None:
+        """Keep keys `k` for the next `push` (after earlier ones of the same step)."""
+        k = k.detach()
+        if self.pending is not None:
+            k = torch.cat([self.pending, k])
+        self.pending = k[-self.keys.shape[0]:]
 
     @torch.no_grad()
     def push(self, k: Tensor) -> None:
         size = self.keys.shape[0]
+        if self.gather is not None:
+            k = self.gather(k.detach().contiguous())
         k = F.normalize(k.detach(), dim=1)[-size:]
         idx = (int(self.ptr) + torch.arange(k.shape[0])) % size
         self.keys[idx] = k
@@ -54,7 +76,7 @@ class MoCoLoss(nn.Module):
     def forward(self, h: tuple[Tensor, Tensor]) -> Tensor:
         q, x = h
         k = self.key(x)
-        self.queue.pending = k
+        self.queue.remember(k)
         (q_a, q_b), (k_a, k_b) = split_views(q), split_views(k)
         t, keys = self.temperature, self.queue.keys
         return 0.5 * (moco_infonce(q_a, k_b, keys, t) + moco_infonce(q_b, k_a, keys, t))
