@@ -1,73 +1,16 @@
-"""The DHP scheduler as a pure state machine, driven by a discrete-event simulation of ranks."""
+"""The DHP scheduler as a pure state machine, driven by a discrete-event simulation of ranks
+(`hpcsrl.pipeline.simulate`, which raises when an invariant breaks)."""
 
 from __future__ import annotations
 
-import heapq
-import itertools
-
 import pytest
 
-from hpcsrl.pipeline.schedule import AGGREGATE, ROUTE, STOP, WORK, Action, Scheduler
+from hpcsrl.pipeline import schedule as schedule_module
+from hpcsrl.pipeline.schedule import AGGREGATE, STOP, WORK, Scheduler
+from hpcsrl.pipeline.simulate import simulate, simulated_rate
 from hpcsrl.pipeline.topology import Layout
 
-
-def simulate(sched: Scheduler, fwd: dict[int, float], bwd: dict[int, float]
-             ) -> tuple[float, list[Action]]:
-    """Run ranks with fixed per-rank forward/backward times (no transfer cost) to the end.
-
-    Returns (finish time, every action in order) and checks invariant 1 on the way.
-    """
-    layout = sched.layout
-    last = layout.stages - 1
-    events: list[tuple[float, int, str, int, int]] = []
-    seq = itertools.count()
-    holding: dict[int, int] = {}
-    upstream: dict[int, int] = {}
-    log: list[Action] = []
-    stopped: set[int] = set()
-
-    def push(t: float, kind: str, rank: int, mb: int = -1) -> None:
-        heapq.heappush(events, (t, next(seq), kind, rank, mb))
-
-    def apply(t: float, actions: list[Action]) -> None:
-        for a in actions:
-            log.append(a)
-            if a.kind == WORK:
-                assert a.rank not in holding, f"rank {a.rank} got work while holding one"
-                holding[a.rank] = a.mb
-                upstream[a.rank] = a.peer
-                if layout.stage_of(a.rank) == last:
-                    push(t + fwd[a.rank] + bwd[a.rank], "backward_done", a.rank, a.mb)
-                else:
-                    push(t + fwd[a.rank], "forward_done", a.rank, a.mb)
-            elif a.kind == ROUTE:
-                assert holding[a.rank] == a.mb
-            elif a.kind in (AGGREGATE, STOP):
-                assert not holding, "aggregation while mini-batches are in flight"
-                if a.kind == STOP:
-                    stopped.add(a.rank)
-                else:
-                    push(t, "free", a.rank)
-
-    for r in range(layout.size):
-        apply(0.0, sched.free(r, now=0.0))
-    t = 0.0
-    while events:
-        t, _, kind, rank, mb = heapq.heappop(events)
-        if kind == "forward_done":
-            apply(t, sched.forwarded(rank, mb, now=t))
-        elif kind == "grad":
-            push(t + bwd[rank], "backward_done", rank, mb)
-        elif kind == "backward_done":
-            up = upstream.pop(rank)
-            if up >= 0:
-                push(t, "grad", up, mb)
-            del holding[rank]
-            apply(t, sched.free(rank, mb, fwd[rank] + bwd[rank], now=t))
-        elif kind == "free":
-            apply(t, sched.free(rank, now=t))
-    assert stopped == set(range(layout.size)), "not every rank was stopped"
-    return t, log
+__all__ = ["check_assignment", "paper_times", "simulate"]  # test_pipeline_fixed_chains uses them
 
 
 def check_assignment(sched: Scheduler, total: int) -> None:
@@ -171,3 +114,35 @@ def test_activity_is_described() -> None:
     assert sched.activity(1).startswith("idle")
     with pytest.raises(ValueError):
         sched.forwarded(1, 0)
+
+
+def test_the_last_ids_of_a_window_go_to_the_replica_that_finishes_them_first(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    layout = Layout.of([2, 1])
+    fwd = {0: 4.0, 1: 1.0, 2: 0.1}  # stage-0 rank 0 is four times slower than rank 1
+    bwd = dict(fwd)
+
+    def run() -> tuple[float, dict[int, int]]:
+        sched = Scheduler(layout, total=14, aggregate_every=7)
+        t, _ = simulate(sched, fwd, bwd)
+        check_assignment(sched, 14)
+        return t, sched.counts()
+
+    t, counts = run()
+    # the slow rank starts only the first id of each window: later it would be the last to
+    # finish, and the aggregation waits for it
+    assert counts == {0: 2, 1: 12, 2: 14}
+    # admitting every free stage-0 replica (as before) ends each window with the slow one
+    monkeypatch.setattr(schedule_module.Scheduler, "_admissions",
+                        lambda self, now: self._free_ranks(0))
+    t_all, counts_all = run()
+    assert counts_all[0] > counts[0] and t < 0.85 * t_all
+
+
+def test_mid_window_every_free_stage0_replica_works() -> None:
+    # a slow stage-0 replica still adds its rate while ids are plentiful (one window)
+    fast_only, _ = simulated_rate([1, 1], [1.0, 0.1], [1.0, 0.1], 60, 60)
+    both, counts = simulated_rate([2, 1], [1.0, 0.1], [1.0, 0.1], 60, 60,
+                                  slowdown={0: 3.0})
+    assert both > 1.25 * fast_only
+    assert 10 <= counts[0] <= 20 and counts[0] + counts[1] == 60

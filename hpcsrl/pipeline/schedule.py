@@ -12,10 +12,13 @@ tell it two things and it answers each with exactly one action:
     ROUTE(mb, dst)               send mb's activation to rank dst, then wait for its gradient
 
 Dynamic chains (Fig. 4b): a forward request goes to the next-stage replica expected to finish
-it first: a free replica finishes at now + its running average of time held per mini-batch, a
-busy one at (its expected release) + that average. If the best replica is busy the request
-waits for it (a slow free node is not worth it); otherwise it is matched at once. So a slower
-node gets proportionally less work, and with equal nodes requests go to whichever is free. The
+it first: a free replica finishes at now + its running average of own compute per mini-batch, a
+busy one at its expected release (when it got its mini-batch + its running average of time held,
+which includes waiting downstream) + that average. The stages after it take the same time
+whichever replica it is, so they do not enter the comparison (holds would bring their queueing
+noise in). If the best replica is busy the request waits for it (a slow free node is not worth
+it); otherwise it is matched at once. So a slower node gets proportionally less work, and with
+equal nodes requests go to whichever is free. The
 backward returns along the same chain (each rank remembers its upstream rank). Fixed chains
 (Fig. 4a, `FixedChains` at the end): C = max_s r_s chains, chain c is replica c mod r_s of every
 stage, routing goes to the chain neighbour, chain c gets every C-th mini-batch id of each window,
@@ -24,7 +27,11 @@ and a replica shared by several chains takes their ids in increasing order (roun
 Mini-batch ids are issued in increasing order (per chain with fixed chains), to stage-0 replicas
 only, windows of K at a time. When a window's ids are all issued and every rank is free, all
 ranks get AGGREGATE (average the replicas of each stage, checkpoint), or STOP after the last
-window.
+window. Stage-0 admission (dynamic): while a window has more ids left than stage 0 has replicas,
+every free stage-0 replica gets the next id (a free replica left idle only lowers the rate, as
+each holds one mini-batch at a time); the last ids, which the aggregation waits for, go one by
+one to the stage-0 replica expected to finish them first, free or busy, so a slow node does not
+end the window late (`_admissions`).
 
 Invariants (tested in tests/test_pipeline_schedule.py by simulation):
   1. A rank holds at most one mini-batch: it gets WORK only while free and is free again only
@@ -36,7 +43,11 @@ Invariants (tested in tests/test_pipeline_schedule.py by simulation):
   4. AGGREGATE/STOP are sent only when no mini-batch is in flight and every rank is free, so all
      replicas of a stage enter the stage collective together.
   5. Progress: the last stage waits for nobody downstream, so every chain completes; every
-     completion frees a rank, which is matched at once if work is waiting.
+     completion frees a rank, which is matched at once if work is waiting. A request or id left
+     for a busy replica does not stall: that replica frees (its chain completes), and a free
+     replica is preferred over a busy one whose expected release has passed (start times are
+     max(now, release), ties go to the free one), so when every candidate is free one of them
+     is matched.
 The scheduler itself never blocks: it is a function of events; its cost is a few dict operations
 per event (measured per mini-batch in the report).
 """
@@ -181,7 +192,7 @@ class Scheduler:
                 continue
             idle = st.phase == "idle" and r not in release
             start = now if idle else max(now, release.get(r, st.since + (st.hold or 0.0)))
-            key = (start + (st.hold or 0.0), 0 if idle else 1, r)
+            key = (start + (st.busy or 0.0), 0 if idle else 1, r)
             best = key if best is None or key < best else best
         if best is None:
             return None
@@ -208,7 +219,7 @@ class Scheduler:
                 self.assignment[u.mb].append(dst)
                 out += [Action(ROUTE, up, u.mb, dst), Action(WORK, dst, u.mb, up)]
         if self.round >= 0:
-            for r in sorted(self._free_ranks(0), key=lambda r: (self.ranks[r].hold or 0.0, r)):
+            for r in self._admissions(now):
                 mb = self._next_id(r)
                 if mb is None:
                     continue
@@ -229,6 +240,42 @@ class Scheduler:
             else:
                 self._open_window()
         return out
+
+    def _admissions(self, now: float) -> list[int]:
+        """The free stage-0 replicas to hand a new id now.
+
+        Fixed chains: every free one (its chain's ids decide). Dynamic, while the window has
+        more ids left than there are stage-0 replicas: every free one (a free replica left idle
+        only lowers the rate: each runs at most one mini-batch). For the window's last ids,
+        which every rank then waits for before aggregating: each goes, one at a time, to the
+        replica expected to finish it first (as `_pick` does for a forward request): a free
+        replica at now + its own compute, a busy one at its expected release + that. An id
+        whose best replica is busy is promised to it and left for it (issued when that replica
+        frees), and the next id is considered; so a slow stage-0 node does not start one of the
+        last mini-batches that a fast one would finish sooner."""
+        free = self._free_ranks(0)
+        left = self.window_end - self.next_mb
+        if self.fixed is not None or not free or left > self.layout.replicas[0]:
+            return free
+        chosen: list[int] = []
+        release: dict[int, float] = {}
+        while left > 0 and len(chosen) < len(free):
+            best: tuple[float, int, int] | None = None
+            for r in self.layout.ranks_of(0):
+                st = self.ranks[r]
+                if st.phase in ("joining", "aggregating"):
+                    continue
+                idle = st.phase == "idle" and r not in release
+                start = now if idle else max(now, release.get(r, st.since + (st.hold or 0.0)))
+                key = (start + (st.busy or 0.0), 0 if idle else 1, r)
+                best = key if best is None or key < best else best
+            if best is None:
+                break
+            if best[1] == 0:
+                chosen.append(best[2])
+            release[best[2]] = best[0]  # busy until then for the next id
+            left -= 1
+        return chosen
 
     def _window_done(self) -> bool:
         return self.fixed is None or self.fixed.done
