@@ -33,6 +33,46 @@ PY = sys.executable
 MPI_ENV = {"OMPI_MCA_coll_libnbc_ireduce_algorithm": "2"}
 
 
+def mpi_env() -> dict[str, str]:
+    """The environment every benchmark's mpirun gets (root allowed, one thread, MPI_ENV)."""
+    return dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
+                OMP_NUM_THREADS="1", **MPI_ENV)
+
+
+def hpcsrl_cmd(*args: str) -> list[str]:
+    return [PY, "-m", "hpcsrl.cli.main", *args]
+
+
+def mpirun_cmd(n: int, cmd: Sequence[str]) -> list[str]:
+    return ["mpirun", "--oversubscribe", "--bind-to", "none", "--map-by", "slot", "-np", str(n),
+            *cmd]
+
+
+def sh(cmd: Sequence[str], timeout: float = 3600) -> float:
+    """Run `cmd` (printed first); its wall seconds, or RuntimeError with its output's tail."""
+    print("$", " ".join(cmd), flush=True)
+    t0 = time.perf_counter()
+    proc = subprocess.run(list(cmd), capture_output=True, text=True, timeout=timeout,
+                          env=mpi_env())
+    if proc.returncode != 0:
+        raise RuntimeError(f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return time.perf_counter() - t0
+
+
+def demo_data(folder: Path) -> Path:
+    """The demo's patches (`make demo`'s synthetic scenes, 12 Sentinel-2 bands, 48 px), made
+    under `folder` when absent (scripts/demo.sh steps 1-2)."""
+    data = folder / "patches.h5"
+    if not data.exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        sh(hpcsrl_cmd("synth", "--out", str(folder / "scenes"), "--scenes", "6", "--size", "480",
+                      "--size-spread", "0.6", "--classes", "5", "--seed", "0"))
+        sh(mpirun_cmd(2, [str(Path(PY).parent / "hpcsrl-preprocess"), "--input",
+                          str(folder / "scenes"), "--output", str(data), "--patch-size", "48",
+                          "--max-cloud", "0.3", "--force"]))
+    return data
+
+
 def load1() -> float:
     """The 1-minute load average (`uptime`'s first figure)."""
     return round(os.getloadavg()[0], 2)
@@ -104,13 +144,11 @@ def run_dhp(plan: Path, profile: Path, out: Path, iterations: int, *, chains: st
     else:
         if out.exists():
             shutil.rmtree(out)
-        env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
-                   OMP_NUM_THREADS="1", **MPI_ENV)
-        cmd = [*wrap, "mpirun", "--oversubscribe", "--bind-to", "none", "--map-by", "slot",
-               "-np", str(nranks), PY, "-m", "hpcsrl.cli.main", "dhp", "--plan", str(plan),
-               "--emulate", str(profile), "--time-scale", repr(time_scale), "--out", str(out),
-               "--iterations", str(iterations), "--aggregate-every", str(aggregate_every),
-               "--chains", chains]
+        env = mpi_env()
+        cmd = [*wrap, *mpirun_cmd(nranks, hpcsrl_cmd(
+               "dhp", "--plan", str(plan), "--emulate", str(profile), "--time-scale",
+               repr(time_scale), "--out", str(out), "--iterations", str(iterations),
+               "--aggregate-every", str(aggregate_every), "--chains", chains))]
         for r, f in (slowdown or {}).items():
             cmd += ["--slowdown", f"{r}={f}"]
         before, t0 = load1(), time.perf_counter()
@@ -133,6 +171,27 @@ def run_dhp(plan: Path, profile: Path, out: Path, iterations: int, *, chains: st
           f"{rep['throughput_between_aggregations_per_s'] / rep['bound_per_s']:.3f} between "
           f"aggregations), load {rep['load_before']} -> {rep['load_after']}", flush=True)
     return rep
+
+
+def paper_plan(profile: Path, time_scale: float, runs: Path) -> tuple[Path, dict[str, Any]]:
+    """The emulated cluster (`profile` x `time_scale`, written under `runs`) and `hpcsrl plan`'s
+    throughput plan for it: 3 stages on six nodes, no transfer in the bound (the paper's node
+    times include their communication; the runs still move the cut tensors)."""
+    scaled = scaled_profile(profile, time_scale, runs / "profile_scaled.json")
+    return scaled, hpcsrl_plan(scaled, runs / "plan.json", devices=3, total=6,
+                               bandwidth="1000GB/s")
+
+
+def rate_fields(rep: dict[str, Any]) -> dict[str, Any]:
+    """The columns every run's CSV row shares: its rate against its plan's bound, with and
+    without the aggregation pauses, and the machine's load around it."""
+    return {"iterations": rep["iterations"], "wall_s": rep["wall_s"],
+            "throughput_per_s": round(rep["throughput_per_s"], 4),
+            "bound_per_s": round(rep["bound_per_s"], 4),
+            "of_bound": round(rep["throughput_per_s"] / rep["bound_per_s"], 4),
+            "of_bound_between_aggregations": round(
+                rep["throughput_between_aggregations_per_s"] / rep["bound_per_s"], 4),
+            "load_before": rep["load_before"], "load_after": rep["load_after"]}
 
 
 def aggregation_pause(rep: dict[str, Any]) -> float:

@@ -24,12 +24,14 @@ from common import (  # noqa: E402
     PROFILES,
     RESULTS,
     allocation_plan,
-    hpcsrl_plan,
+    paper_plan,
     per_rank,
+    rate_fields,
     run_dhp,
-    scaled_profile,
     write_csv,
 )
+
+from hpcsrl.pipeline.simulate import simulated_rate  # noqa: E402
 
 
 def model_rate(times: list[float], replicas: list[int], slow: int, factor: float,
@@ -64,11 +66,11 @@ def main() -> int:
                    help="re-derive the tables from the runs already in --runs")
     a = p.parse_args()
 
-    scaled = scaled_profile(a.profile, a.time_scale, a.runs / "profile_scaled.json")
-    plan = hpcsrl_plan(scaled, a.runs / "plan.json", devices=3, total=6, bandwidth="1000GB/s")
+    scaled, plan = paper_plan(a.profile, a.time_scale, a.runs)
     allocation_plan(scaled, plan, [2, 2, 2], a.runs / "plan_2-2-2.json")
     units = json.loads(scaled.read_text())["units"]
     times = [u["forward_s"] + u["backward_s"] for u in units]
+    fwd, bwd = [u["forward_s"] for u in units], [u["backward_s"] for u in units]
     rows, base = [], {}
     for factor in (float(f) for f in a.factors.split(",")):
         for mode, path, reps in (("fixed", "plan_2-2-2.json", [2, 2, 2]),
@@ -78,21 +80,25 @@ def main() -> int:
                           a.iterations, chains=mode, aggregate_every=a.aggregate_every,
                           time_scale=a.time_scale, slowdown=slow, reuse=a.reuse)
             model = model_rate(times, reps, a.slow_rank, factor, mode == "fixed")
+            # the scheduler itself on these times, no runtime cost: ranks queue for each other
+            sim, sim_counts = simulated_rate(reps, fwd, bwd, a.iterations, a.aggregate_every,
+                                             mode, slow)
             tp = rep["throughput_per_s"]
             if factor == 1:
-                base[mode] = (tp, model)
+                base[mode] = (tp, model, sim)
             nodes = per_rank(rep, a.time_scale)
             rows.append({
                 "chains": mode, "replicas": "/".join(map(str, reps)), "slow_rank": a.slow_rank,
                 "slow_stage": nodes[a.slow_rank]["partition"] - 1, "factor": factor,
-                "iterations": rep["iterations"], "wall_s": rep["wall_s"],
-                "throughput_per_s": round(tp, 4), "model_per_s": round(model, 4),
+                **rate_fields(rep), "model_per_s": round(model, 4),
                 "of_model": round(tp / model, 4),
                 "loss_pct": round(100 * (1 - tp / base[mode][0]), 2),
                 "model_loss_pct": round(100 * (1 - model / base[mode][1]), 2),
+                "simulated_per_s": round(sim, 4), "of_simulated": round(tp / sim, 4),
+                "simulated_loss_pct": round(100 * (1 - sim / base[mode][2]), 2),
+                "simulated_slow_node_iterations": sim_counts[a.slow_rank],
                 "slow_node_iterations": nodes[a.slow_rank]["iterations"],
-                "iterations_per_rank": " ".join(str(n["iterations"]) for n in nodes),
-                "load_before": rep["load_before"], "load_after": rep["load_after"]})
+                "iterations_per_rank": " ".join(str(n["iterations"]) for n in nodes)})
     for r in rows:  # issue 9's limit for dynamic chains: the slow node's share of its stage's
         # work, (1/3) x (1 - L/L') for a partition-1 node
         stage = 0 if r["chains"] == "fixed" else r["slow_stage"]
@@ -103,7 +109,8 @@ def main() -> int:
     for r in rows:
         print(f"{r['chains']:8s} x{r['factor']:<4g} {r['throughput_per_s']:.3f}/s (model "
               f"{r['model_per_s']:.3f}), loss {r['loss_pct']:.1f} % (model "
-              f"{r['model_loss_pct']:.1f} %, slow node's share {r['node_share_loss_pct']:.1f} %)"
+              f"{r['model_loss_pct']:.1f} %, simulated {r['simulated_loss_pct']:.1f} %, slow "
+              f"node's share {r['node_share_loss_pct']:.1f} %)"
               f", slow node ran {r['slow_node_iterations']}")
     plot(a.out_dir / "hetero.png", rows)
     return 0
@@ -120,7 +127,9 @@ def plot(path: Path, rows: list[dict]) -> None:
         ax.plot([r["factor"] for r in rs], [r["throughput_per_s"] for r in rs], "o-", color=col,
                 label=f"{mode} (measured)")
         ax.plot([r["factor"] for r in rs], [r["model_per_s"] for r in rs], "x--", color=col,
-                label=f"{mode} (model)")
+                label=f"{mode} (one-mini-batch-per-node model)")
+        ax.plot([r["factor"] for r in rs], [r["simulated_per_s"] for r in rs], "s:", color=col,
+                label=f"{mode} (scheduler simulated, no runtime cost)")
     ax.set_xlabel("slowdown of one partition-1 node")
     ax.set_ylabel("mini-batches / s (emulated time)")
     ax.set_title("One slow node of six: fixed 2x3 vs dynamic 3/2/1")

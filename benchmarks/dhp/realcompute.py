@@ -15,37 +15,22 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
 import shutil
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import MPI_ENV, PY, RESULTS, load1, write_csv  # noqa: E402
+from common import (  # noqa: E402
+    RESULTS,
+    demo_data,
+    load1,
+    mpirun_cmd,
+    sh,
+    write_csv,
+)
+from common import hpcsrl_cmd as hpcsrl  # noqa: E402
 
 TARGET_POINTS = 1.0
-
-
-def sh(cmd: list[str], timeout: float = 3600) -> float:
-    env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
-               OMP_NUM_THREADS="1", **MPI_ENV)
-    print("$", " ".join(cmd), flush=True)
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-    if proc.returncode != 0:
-        raise RuntimeError(f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return time.perf_counter() - t0
-
-
-def hpcsrl(*args: str) -> list[str]:
-    return [PY, "-m", "hpcsrl.cli.main", *args]
-
-
-def mpirun(n: int, cmd: list[str]) -> list[str]:
-    return ["mpirun", "--oversubscribe", "--bind-to", "none", "--map-by", "slot", "-np", str(n),
-            *cmd]
 
 
 def oa_rows(report: Path) -> list[dict[str, str]]:
@@ -65,13 +50,7 @@ def main() -> int:
     a = p.parse_args()
     r = a.runs
     r.mkdir(parents=True, exist_ok=True)
-    data = r / "patches.h5"
-    if not data.exists():  # the demo's data (scripts/demo.sh steps 1-2)
-        sh(hpcsrl("synth", "--out", str(r / "scenes"), "--scenes", "6", "--size", "480",
-                  "--size-spread", "0.6", "--classes", "5", "--seed", "0"))
-        sh(mpirun(2, [str(Path(PY).parent / "hpcsrl-preprocess"), "--input",
-                      str(r / "scenes"), "--output", str(data), "--patch-size", "48",
-                      "--max-cloud", "0.3", "--force"]))
+    data = demo_data(r)
     common = ["--batch-size", str(a.batch_size), "--input-size", str(a.input_size)]
     prof, plan = r / "profile.json", r / "plan.json"
     sh(hpcsrl("profile", "--method", "lite-srl", "--backbone", "resnet18", "--bands", "12",
@@ -87,7 +66,7 @@ def main() -> int:
             shutil.rmtree(out)
         before = load1()
         if name == "dhp":
-            wall = sh(mpirun(sum(replicas), hpcsrl(
+            wall = sh(mpirun_cmd(sum(replicas), hpcsrl(
                 "dhp", "--plan", str(plan), "--data", str(data), "--bands", "s2", "--out",
                 str(out), "--epochs", str(a.epochs), "--chains", "dynamic",
                 "--aggregate-every", str(a.aggregate_every))))

@@ -21,11 +21,11 @@ from common import (  # noqa: E402
     RESULTS,
     allocation_plan,
     hop_ms,
-    hpcsrl_plan,
+    paper_plan,
     per_rank,
+    rate_fields,
     read_trace,
     run_dhp,
-    scaled_profile,
     write_csv,
 )
 
@@ -50,10 +50,7 @@ def main() -> int:
                    help="re-derive the tables from the runs already in --runs")
     a = p.parse_args()
 
-    scaled = scaled_profile(a.profile, a.time_scale, a.runs / "profile_scaled.json")
-    # The paper's node times include their own communication: the bound ignores transfer
-    # (1000 GB/s); the runs still move the profile's real cut tensors, as overhead.
-    plan = hpcsrl_plan(scaled, a.runs / "plan.json", devices=3, total=6, bandwidth="1000GB/s")
+    scaled, plan = paper_plan(a.profile, a.time_scale, a.runs)
     picked = [s["replicas"] for s in plan["stages"]]
     fixed_plan = allocation_plan(scaled, plan, [2, 2, 2], a.runs / "plan_2-2-2.json")
     print(f"planner's pick {'/'.join(map(str, picked))}: bound {plan['throughput_bound_per_s']:.3f}"
@@ -75,12 +72,7 @@ def main() -> int:
                       if 0 in d)
         summary.append({
             "chains": mode, "replicas": "/".join(map(str, rep["replicas"])),
-            "iterations": rep["iterations"], "time_scale": a.time_scale,
-            "wall_s": rep["wall_s"], "throughput_per_s": round(rep["throughput_per_s"], 4),
-            "bound_per_s": round(rep["bound_per_s"], 4),
-            "of_bound": round(rep["throughput_per_s"] / rep["bound_per_s"], 4),
-            "of_bound_between_aggregations": round(
-                rep["throughput_between_aggregations_per_s"] / rep["bound_per_s"], 4),
+            "time_scale": a.time_scale, **rate_fields(rep),
             "aggregation_pause_s": round(rep["wall_s"] - rep["between_aggregations_s"], 2),
             "s_per_iteration_paper_scale": round(rep["wall_s"] / rep["iterations"]
                                                  / a.time_scale, 4),
@@ -92,8 +84,7 @@ def main() -> int:
                 u["forward_s"] + u["backward_s"] for u in plan_units(a.profile)), 2),
             **hop_ms(trace, 3),
             "scheduler_ms_per_minibatch": round(rep["scheduler_ms_per_minibatch"], 3),
-            "aggregate_s_max": max(r["aggregate_s"] for r in rep["ranks"]),
-            "load_before": rep["load_before"], "load_after": rep["load_after"]})
+            "aggregate_s_max": max(r["aggregate_s"] for r in rep["ranks"])})
     f, d = reports["fixed"], reports["dynamic"]
     speedup = d["throughput_per_s"] / f["throughput_per_s"]
     key = "throughput_between_aggregations_per_s"
@@ -121,15 +112,8 @@ def main() -> int:
             rep = run_dhp(path, a.profile, a.runs / f"sweep_{name}", a.sweep_iterations,
                           aggregate_every=a.aggregate_every, time_scale=a.time_scale, reuse=a.reuse)
             sweep.append({"replicas": "/".join(map(str, reps)), "chains": "dynamic",
-                          "iterations": rep["iterations"], "wall_s": rep["wall_s"],
-                          "bound_per_s": round(alloc["throughput_bound_per_s"], 4),
-                          "measured_per_s": round(rep["throughput_per_s"], 4),
-                          "of_bound": round(rep["throughput_per_s"] / rep["bound_per_s"], 4),
-                          "of_bound_between_aggregations": round(
-                              rep["throughput_between_aggregations_per_s"]
-                              / rep["bound_per_s"], 4),
-                          "planner_pick": int(reps == picked),
-                          "load_before": rep["load_before"], "load_after": rep["load_after"]})
+                          **rate_fields(rep), "measured_per_s": round(rep["throughput_per_s"], 4),
+                          "planner_pick": int(reps == picked)})
         best = max(sweep, key=lambda r: r["measured_per_s"])
         for r in sweep:
             r["best_measured"] = int(r is best)

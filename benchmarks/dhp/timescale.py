@@ -18,10 +18,10 @@ from common import (  # noqa: E402
     PROFILES,
     RESULTS,
     hop_ms,
-    hpcsrl_plan,
+    paper_plan,
+    rate_fields,
     read_trace,
     run_dhp,
-    scaled_profile,
     write_csv,
 )
 
@@ -39,19 +39,11 @@ def main() -> int:
     rows = []
     for scale in (float(s) for s in a.scales.split(",")):
         runs = a.runs / f"s{scale:g}"
-        scaled = scaled_profile(a.profile, scale, runs / "profile_scaled.json")
-        hpcsrl_plan(scaled, runs / "plan.json", devices=3, total=6, bandwidth="1000GB/s")
+        paper_plan(a.profile, scale, runs)
         rep = run_dhp(runs / "plan.json", a.profile, runs / "dynamic", a.iterations,
                       aggregate_every=a.aggregate_every, time_scale=scale, reuse=a.reuse)
         rows.append({"time_scale": scale, "chain_ms": round(1e3 * scale * 3.098, 1),
-                     "iterations": rep["iterations"], "wall_s": rep["wall_s"],
-                     "throughput_per_s": round(rep["throughput_per_s"], 4),
-                     "bound_per_s": round(rep["bound_per_s"], 4),
-                     "of_bound": round(rep["throughput_per_s"] / rep["bound_per_s"], 4),
-                     "of_bound_between_aggregations": round(
-                         rep["throughput_between_aggregations_per_s"] / rep["bound_per_s"], 4),
-                     **hop_ms(read_trace(runs / "dynamic"), 3),
-                     "load_before": rep["load_before"], "load_after": rep["load_after"]})
+                     **rate_fields(rep), **hop_ms(read_trace(runs / "dynamic"), 3)})
     write_csv(a.out_dir / "timescale.csv", rows)
     return 0
 
