@@ -104,15 +104,21 @@ def time_run(n: int, scenes: Path, out: Path, args: argparse.Namespace) -> dict:
         cpu = [float(c) for c in f.attrs["rank_cpu_seconds"]]
         kept = len(f["label"])
         dropped = int(f.attrs["dropped_cloud"]) + int(f.attrs["dropped_nodata"])
+    shards = out.with_name(out.name + ".shards")
+    nbytes = out.stat().st_size + sum(p.stat().st_size for p in shards.glob("*.h5"))
     return {"seconds": seconds, "wall": wall, "kept": kept, "tiled": kept + dropped,
-            "cpu_max": max(cpu), "cpu_sum": sum(cpu), "load": load_before}
+            "cpu_max": max(cpu), "cpu_sum": sum(cpu), "load": load_before, "bytes": nbytes}
 
 
 FIELDS = ["kind", "scene_set", "scenes", "patches", "strategy", "ranks", "max_load", "balance",
           "repeat", "seconds", "wall", "all_seconds", "patches_per_s", "paired_ratios",
           "speedup_median", "speedup_min", "speedup_max", "cpu_max_rank", "cpu_sum",
-          "cpu_speedup_median", "loadavg_1m", "cpu_capacity_2proc"]
+          "cpu_speedup_median", "loadavg_1m", "cpu_capacity_2proc", "output_bytes",
+          "write_s_1proc", "write_s_2proc", "speedup_ceiling"]
 BUSY = ("import time\nc = time.process_time()\nwhile time.process_time() - c < {cpu}: pass\n")
+WRITE = ("import os, sys\nbuf = os.urandom(1 << 20)\nfd = os.open(sys.argv[1], os.O_WRONLY | "
+         "os.O_CREAT | os.O_TRUNC)\nfor i in range(int(sys.argv[2]) >> 20):\n"
+         "    os.pwrite(fd, buf, i << 20)\nos.close(fd)\n")
 
 
 def cpu_capacity(cpu: float = 1.0) -> float:
@@ -126,6 +132,32 @@ def cpu_capacity(cpu: float = 1.0) -> float:
             proc.wait(timeout=120)
         return time.perf_counter() - t0
     return round(2 * wall(1) / wall(2), 3)
+
+
+def write_seconds(folder: Path, nbytes: int) -> tuple[float, float]:
+    """Wall seconds for one process to write `nbytes` of new files into `folder` (the output's
+    file system, through the page cache as the shards are written), and for two processes to
+    write half each at once. Equal times mean the node's page cache / memory bandwidth takes new
+    data no faster from two writers than from one: that part of a run cannot speed up."""
+    def wall(parts: int) -> float:
+        paths = [folder / f"write-probe-{i}.bin" for i in range(parts)]
+        t0 = time.perf_counter()
+        procs = [subprocess.Popen([sys.executable, "-c", WRITE, str(p), str(nbytes // parts)])
+                 for p in paths]
+        for proc in procs:
+            proc.wait(timeout=300)
+        seconds = time.perf_counter() - t0
+        for p in paths:
+            p.unlink(missing_ok=True)
+        return seconds
+    return wall(1), wall(2)
+
+
+def speedup_ceiling(t1: float, write1: float, write2: float) -> float:
+    """The 2-rank speed-up if everything but writing the output split perfectly in two: the
+    1-rank run's time minus its writing, halved, plus the time two writers need for the same
+    bytes (both measured beside the pair)."""
+    return t1 / ((t1 - min(write1, t1)) / 2 + write2)
 
 
 def read_rows(path: Path) -> list[dict]:
@@ -217,9 +249,16 @@ def main(argv: list[str] | None = None) -> int:
     runs: dict[int, list[dict]] = {n: [] for n in rank_counts}
     for rep in range(args.repeats):
         capacity = cpu_capacity()
+        pair = []
         for n in rank_counts:
             run = time_run(n, scenes, args.work / f"np{n}.h5", args)
             run["capacity"] = capacity
+            pair.append(run)
+        # right after the pair: the same bytes by one writer and by two (outputs kept meanwhile,
+        # so the page cache is as full as during the runs)
+        writes = write_seconds(args.work, pair[0]["bytes"])
+        for n, run in zip(rank_counts, pair, strict=True):
+            run["writes"] = writes
             runs[n].append(run)
             log.info("repeat %d, %d rank(s): %.2f s, busiest rank %.2f CPU-s (load %.2f)", rep,
                      n, run["seconds"], run["cpu_max"], run["load"])
@@ -228,13 +267,16 @@ def main(argv: list[str] | None = None) -> int:
                          "repeat": rep, "seconds": round(run["seconds"], 3),
                          "wall": round(run["wall"], 3), "cpu_max_rank": round(run["cpu_max"], 3),
                          "cpu_sum": round(run["cpu_sum"], 3), "loadavg_1m": round(run["load"], 2),
-                         "cpu_capacity_2proc": capacity})
+                         "cpu_capacity_2proc": capacity, "output_bytes": run["bytes"],
+                         "write_s_1proc": round(run["writes"][0], 3),
+                         "write_s_2proc": round(run["writes"][1], 3)})
     base_n = rank_counts[0]
     for n in rank_counts:
         ratios = paired_ratios(runs, base_n, n)
         cpu_ratios = [b["cpu_max"] / r["cpu_max"] for b, r in
                       zip(runs[base_n], runs[n], strict=True)]
         med = statistics.median(r["seconds"] for r in runs[n])
+        ceilings = [speedup_ceiling(b["seconds"], *b["writes"]) for b in runs[base_n]]
         rows.append({"kind": "throughput", "scene_set": "generated", "scenes": len(counts),
                      "patches": runs[n][0]["tiled"], "strategy": "split", "ranks": n,
                      "seconds": round(med, 3),
@@ -246,10 +288,13 @@ def main(argv: list[str] | None = None) -> int:
                      "cpu_max_rank": round(statistics.median(r["cpu_max"] for r in runs[n]), 3),
                      "cpu_speedup_median": round(statistics.median(cpu_ratios), 3),
                      "loadavg_1m": " ".join(f"{r['load']:.2f}" for r in runs[n]),
-                     "cpu_capacity_2proc": " ".join(f"{r['capacity']:.2f}" for r in runs[n])})
+                     "cpu_capacity_2proc": " ".join(f"{r['capacity']:.2f}" for r in runs[n]),
+                     **({"speedup_ceiling": round(statistics.median(ceilings), 3)}
+                        if ceilings and n != base_n else {})})
         log.info("%d rank(s) vs %d: paired speedup median %.3f (min %.3f, max %.3f) over %d "
-                 "pairs", n, base_n, statistics.median(ratios), min(ratios), max(ratios),
-                 len(ratios))
+                 "pairs%s", n, base_n, statistics.median(ratios), min(ratios), max(ratios),
+                 len(ratios), f"; ceiling set by writing the output "
+                 f"{statistics.median(ceilings):.3f}" if ceilings and n != base_n else "")
 
     args.results.mkdir(parents=True, exist_ok=True)
     with atomic_path(args.results / "preprocess.csv") as tmp, open(tmp, "w", newline="") as fh:
