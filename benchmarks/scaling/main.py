@@ -36,11 +36,12 @@ CORES = os.cpu_count() or 1
 log = get_logger("hpcsrl.bench")
 COLUMNS = ("group", "mode", "scaling", "ranks", "oversubscribed", "micro_batch",
            "batches_per_allreduce", "global_batch", "cycle_time_ms", "yield_when_idle",
-           "fp16_allreduce", "step_s",
+           "fp16_allreduce", "allreduce_groups", "step_s", "compute_s", "optimizer_step_s",
            "images_per_s", "epoch_images", "time_per_epoch_s", "speedup", "efficiency",
            "efficiency_per_core", "gradient_MB", "allreduce_horovod_s", "allreduce_mpi_s",
            "allreduce_ring_model_s", "bandwidth_GBps", "bytes_sent_per_rank_per_step",
-           "load_before", "load_after")
+           "parallelism", "plan_stages", "minibatches", "bytes_sent_per_rank_per_step_max",
+           "peak_rss_MB_per_rank", "accuracy", "accuracy_metric", "load_before", "load_after")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -61,6 +62,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "to an existing scaling.csv under a new timestamped group name")
     p.add_argument("--ranks", default="1,2,4", help="with --only: these rank counts")
     p.add_argument("--timeout", type=float, default=900)
+    c = p.add_argument_group("DHP versus data parallel (see dhp_compare.py)")
+    c.add_argument("--compare-dhp", action="store_true",
+                   help="only this: Lite-SRL on 2 ranks with Horovod and with a 2-stage DHP plan, "
+                   "same samples and mini-batches; rows appended to scaling.csv")
+    c.add_argument("--compare-data", type=Path, default=None,
+                   help="labelled patch HDF5 (default: the demo's synthetic file, made once)")
+    c.add_argument("--compare-bands", default="s2")
+    c.add_argument("--compare-epochs", type=int, default=2, help="at least 2 (default 2)")
+    c.add_argument("--compare-batch", type=int, default=32, help="global batch (default 32)")
+    c.add_argument("--compare-lr", type=float, default=0.05)
+    c.add_argument("--compare-bandwidth", default="2GB/s",
+                   help="link rate given to `hpcsrl plan` (default 2GB/s, shared memory)")
+    c.add_argument("--eval-epochs", type=int, default=30, help="linear-probe epochs")
+    c.add_argument("--compare-work", type=Path,
+                   default=Path(tempfile.gettempdir()) / "hpcsrl-scaling-dhp")
     return p.parse_args(argv)
 
 
@@ -71,10 +87,10 @@ def runs(args: argparse.Namespace) -> list[dict]:
 
     def add(group: str, mode: str, scaling: str, ranks: int, micro: int, bpa: int = 1,
             cycle: str = DEFAULT_CYCLE_TIME_MS, fp16: bool = False,
-            bytes_: bool = False, yield_: bool = False) -> None:
+            bytes_: bool = False, yield_: bool = False, groups: int | None = None) -> None:
         out.append(dict(group=group, mode=mode, scaling=scaling, ranks=ranks, micro_batch=micro,
                         batches_per_allreduce=bpa, cycle_time_ms=cycle, fp16_allreduce=fp16,
-                        measure_bytes=bytes_, yield_when_idle=yield_))
+                        measure_bytes=bytes_, yield_when_idle=yield_, allreduce_groups=groups))
 
     for k in (1, 2) if args.quick else (1, 2, 4):
         add("weak", "synthetic", "weak", k, m, bytes_=k > 1)
@@ -90,6 +106,9 @@ def runs(args: argparse.Namespace) -> list[dict]:
     add("weak-yield", "synthetic", "weak", 2, m, yield_=True)
     add("weak-2-passes-yield", "synthetic", "weak", 1, m, bpa=2, yield_=True)
     add("weak-2-passes-yield", "synthetic", "weak", 2, m, bpa=2, yield_=True)
+    for k in (1, 2):
+        add("weak-grouped", "synthetic", "weak", k, m, groups=1)
+        add("weak-grouped-cycle5", "synthetic", "weak", k, m, groups=1, cycle="5")
     add("weak-fp16", "synthetic", "weak", 1, m)
     add("weak-fp16", "synthetic", "weak", 2, m, fp16=True, bytes_=True)
     for k in (1, 2, 4):
@@ -144,6 +163,8 @@ def launch(run: dict, args: argparse.Namespace, data: Path, steps: int, warmup: 
         cmd += ["--data", str(data)]
     if run["fp16_allreduce"]:
         cmd.append("--fp16-allreduce")
+    if run.get("allreduce_groups"):
+        cmd += ["--groups", str(run["allreduce_groups"])]
     env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
                OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
@@ -167,9 +188,10 @@ def measure(run: dict, args: argparse.Namespace, data: Path) -> dict:
     step_s = res["step_s"]
     row = {**{k: run[k] for k in ("group", "mode", "scaling", "ranks", "micro_batch",
                                   "batches_per_allreduce", "cycle_time_ms", "fp16_allreduce",
-                                  "yield_when_idle")},
+                                  "yield_when_idle", "allreduce_groups")},
            "oversubscribed": run["ranks"] > CORES, "global_batch": res["global_batch"],
            "step_s": step_s, "images_per_s": res["images_per_s"],
+           "compute_s": res.get("compute_s"), "optimizer_step_s": res.get("optimizer_step_s"),
            "epoch_images": args.epoch_images,
            "time_per_epoch_s": args.epoch_images / res["images_per_s"],
            "gradient_MB": res["gradient_bytes"] / 1e6,
@@ -192,7 +214,8 @@ def _typed(row: dict) -> dict:
         if v == "":
             out[k] = None
         elif k in ("group", "mode", "scaling", "cycle_time_ms", "fp16_allreduce",
-                   "oversubscribed", "yield_when_idle"):
+                   "oversubscribed", "yield_when_idle", "parallelism", "plan_stages",
+                   "accuracy_metric"):
             out[k] = v
         else:
             out[k] = float(v) if "." in v or "e" in v else int(v)
@@ -225,6 +248,7 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    rows = [r for r in rows if not r.get("parallelism")]  # DHP-vs-DP rows: a table, no curve
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     for group in dict.fromkeys(r["group"] for r in rows):
         sel = [r for r in rows if r["group"] == group]
@@ -255,8 +279,28 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def read_rows(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    with open(path) as f:
+        return [_typed(r) for r in csv.DictReader(f)]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    path = args.results / "scaling.csv"
+    if args.compare_dhp:
+        from dhp_compare import compare
+
+        if args.compare_epochs < 2:
+            log.error("--compare-epochs must be at least 2 (bytes per step come from the "
+                      "difference with a 1-epoch run)")
+            return 2
+        args.stamp = time.strftime("%H:%M")
+        rows = read_rows(path) + compare(args)
+        write_csv(rows, path)
+        log.info("wrote %s", path)
+        return 0
     data = args.data
     if data is None:
         data = Path(tempfile.gettempdir()) / "hpcsrl-scaling-rgb64.h5"
@@ -269,14 +313,11 @@ def main(argv: list[str] | None = None) -> int:
         ranks = {int(k) for k in args.ranks.split(",")}
         todo = [dict(r, group=f"{r['group']}@{time.strftime('%H:%M')}") for r in todo
                 if r["group"] in keep and r["ranks"] in ranks]
-        path = args.results / "scaling.csv"
-        if path.exists():
-            with open(path) as f:
-                rows = [_typed(r) for r in csv.DictReader(f)]
+        rows = read_rows(path)
     for run in todo:
         rows.append(measure(run, args, data))
         add_ratios(rows)
-        write_csv(rows, args.results / "scaling.csv")
+        write_csv(rows, path)
     plot(rows, args.results / "scaling.png")
     log.info("wrote %s and %s", args.results / "scaling.csv", args.results / "scaling.png")
     return 0

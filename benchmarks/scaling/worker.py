@@ -59,6 +59,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--method", default="lite-srl")
     p.add_argument("--backbone", default="resnet18")
     p.add_argument("--fp16-allreduce", action="store_true")
+    p.add_argument("--groups", type=int, default=None,
+                   help="Horovod allreduce groups (1: one grouped allreduce after backward)")
     p.add_argument("--out", required=True)
     return p.parse_args()
 
@@ -74,12 +76,32 @@ def timed(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
+def breakdown(trainer: Pretrainer, x_a: torch.Tensor, x_b: torch.Tensor, steps: int,
+              comm: MPI.Comm) -> dict[str, float]:
+    """Where a step's time goes (medians, mean over ranks): forward + backward (gradient
+    allreduces start from its hooks and overlap it), and the optimiser step, which first waits
+    for the allreduces still running."""
+    compute, wait = [], []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        trainer.opt.zero_grad()
+        trainer.model(x_a, x_b).backward()
+        t1 = time.perf_counter()
+        trainer.opt.step()
+        compute.append(t1 - t0)
+        wait.append(time.perf_counter() - t1)
+    k = comm.Get_size()
+    return {"compute_s": comm.allreduce(statistics.median(compute)) / k,
+            "optimizer_step_s": comm.allreduce(statistics.median(wait)) / k}
+
+
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     comm = MPI.COMM_WORLD
     k = comm.Get_size()
-    dist = HorovodDistribution(fp16_allreduce=args.fp16_allreduce) if k > 1 else SingleProcess()
+    dist = HorovodDistribution(fp16_allreduce=args.fp16_allreduce, groups=args.groups) \
+        if k > 1 else SingleProcess()
     per_step = args.micro_batch * args.batches_per_allreduce
     batch = per_step * k
     if args.mode == "synthetic":
@@ -109,6 +131,8 @@ def main() -> None:
                 trainer.step(x_a, x_b)
 
         step_s = timed(steps, 1) / args.steps  # no barrier between steps, as in training
+        if args.batches_per_allreduce == 1:
+            result.update(breakdown(trainer, x_a, x_b, args.steps, comm))
     else:
         _, images, seconds, _ = trainer.train_epoch(0)
         step_s = seconds / trainer.steps_per_epoch

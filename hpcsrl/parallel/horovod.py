@@ -41,7 +41,8 @@ def launched_ranks() -> int:
 class HorovodDistribution:
     """Data parallelism over every rank of the launcher (Horovod's global process set)."""
 
-    def __init__(self, sync_bn: bool = False, fp16_allreduce: bool = False) -> None:
+    def __init__(self, sync_bn: bool = False, fp16_allreduce: bool = False,
+                 groups: int | None = None) -> None:
         os.environ.setdefault("HOROVOD_CYCLE_TIME", DEFAULT_CYCLE_TIME_MS)
         try:
             import horovod.torch as hvd
@@ -51,7 +52,7 @@ class HorovodDistribution:
         hvd.init()
         self.hvd = hvd
         self.rank, self.size = hvd.rank(), hvd.size()
-        self.sync_bn, self.fp16_allreduce = sync_bn, fp16_allreduce
+        self.sync_bn, self.fp16_allreduce, self.groups = sync_bn, fp16_allreduce, groups
 
     @property
     def is_writer(self) -> bool:
@@ -59,7 +60,7 @@ class HorovodDistribution:
 
     def describe(self) -> dict[str, Any]:
         return {"kind": "horovod", "ranks": self.size, "sync_bn": self.sync_bn,
-                "fp16_allreduce": self.fp16_allreduce,
+                "fp16_allreduce": self.fp16_allreduce, "allreduce_groups": self.groups,
                 "cycle_time_ms": float(os.environ["HOROVOD_CYCLE_TIME"])}
 
     def _sum(self, x: torch.Tensor) -> torch.Tensor:
@@ -87,7 +88,8 @@ class HorovodDistribution:
         compression = hvd.Compression.fp16 if self.fp16_allreduce else hvd.Compression.none
         return hvd.DistributedOptimizer(opt, named_parameters=model.named_parameters(),
                                         compression=compression, op=hvd.Average,
-                                        backward_passes_per_step=backward_passes)
+                                        backward_passes_per_step=backward_passes,
+                                        groups=self.groups)
 
     def broadcast_state(self, model: nn.Module, opt: torch.optim.Optimizer,
                         extra: dict | None = None) -> dict | None:
