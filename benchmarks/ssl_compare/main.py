@@ -57,6 +57,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-samples", type=int, default=1500,
                    help="stratified subsample for the evaluation (0 = all labelled)")
     p.add_argument("--label-fractions", default="0.1,0.2")
+    p.add_argument("--split", default=None,
+                   help="split.json to reuse (default: WORK_DIR/split.json, drawn on first use)")
     p.add_argument("--probe-epochs", type=int, default=100, help="linear probe epochs")
     p.add_argument("--finetune-epochs", type=int, default=1, help="fine-tune epochs")
     p.add_argument("--skip-accuracy", action="store_true", help="only params, time and memory")
@@ -207,6 +209,7 @@ def measure_accuracy(args: argparse.Namespace, work: Path) -> tuple[list[dict], 
     import torch
 
     from hpcsrl.data import PatchDataset
+    from hpcsrl.data.splits import Layout, SplitPatches, resolve_split
     from hpcsrl.eval.protocol import EvalSpec, LabelledData, run_protocol
     from hpcsrl.eval.train import FitConfig
     from hpcsrl.log import get_logger
@@ -218,6 +221,13 @@ def measure_accuracy(args: argparse.Namespace, work: Path) -> tuple[list[dict], 
     if not ds.has_labels:
         sys.exit(f"ssl_compare: error: {args.data} has no labels; accuracy needs a labelled file "
                  "(or pass --skip-accuracy)")
+    # the project's protocol: pre-training reads the pool only; the probe's choices are made on
+    # the validation part and the test part is scored once (split recorded in the work folder)
+    work.mkdir(parents=True, exist_ok=True)
+    split = resolve_split(args.split or work / "split.json", Layout.read(args.data))
+    pool = SplitPatches(args.data, args.bands, split)
+    log.info("split %s: test %d, validation %d, pool %d (pre-training reads the pool only)",
+             split.path, len(split.test), len(split.val), len(split.pool))
     encoders, info = {}, {}
     for m in args.methods:
         cfg = PretrainConfig(method=m, backbone=args.backbone, bands=args.bands,
@@ -228,14 +238,14 @@ def measure_accuracy(args: argparse.Namespace, work: Path) -> tuple[list[dict], 
                              progress=sys.stderr.isatty())
         # the folder names the budget and hashes every model and trainer setting, so a cached
         # pre-training is only reused for exactly the same run (changed defaults start afresh)
-        settings = {**asdict(cfg), "progress": None,
+        settings = {**asdict(cfg), "progress": None, "split": split.digest(),
                     "model": build_method(m, args.backbone, ds.channels).config}
         digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
         budget = (f"e{args.pretrain_epochs}_n{args.pretrain_samples}_b{args.batch_size}"
                   f"_s{args.input_size}_seed{args.seed}_{digest.hexdigest()[:8]}")
         run_dir = work / "runs" / args.bands / f"{m}_{budget}"
         ckpt_path = run_dir / "checkpoint.pt"
-        history = Pretrainer(ds, cfg, run_dir, resume=True).run()
+        history = Pretrainer(pool, cfg, run_dir, resume=True).run()
         # from the epoch log, so a reused pre-training still reports what it cost
         info[m] = {"pretrain_s": sum(float(h["seconds"]) for h in history),
                    "final_loss": history[-1]["loss"] if history else float("nan")}
@@ -250,7 +260,8 @@ def measure_accuracy(args: argparse.Namespace, work: Path) -> tuple[list[dict], 
                     fit=FitConfig(epochs=args.probe_epochs, finetune_epochs=args.finetune_epochs,
                                   seed=args.seed, progress=False))
     rows = run_protocol(LabelledData(lambda i: ds.read_batch(i)[0], ds.labels,
-                                     list(ds.class_names)), encoders, spec, work / "eval", log)
+                                     list(ds.class_names)), encoders, spec, work / "eval", log,
+                        split=split)
     return rows, info
 
 
