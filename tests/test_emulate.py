@@ -73,7 +73,7 @@ def _chain(clock: FakeClock, trace: io.StringIO | None = None) -> list[EmulatedS
     specs = [cut_spec(x.out_bytes) for x in t[:-1]]
     return [EmulatedStage(x.forward_s, x.backward_s, specs[i - 1] if i else None,
                           specs[i] if i < len(t) - 1 else None, x.param_bytes, rank=i, stage=i,
-                          trace=trace, sleep=clock.sleep, clock=clock.clock)
+                          trace=trace, sleep=clock.sleep, clock=clock.clock, spin_s=0)
             for i, x in enumerate(t)]
 
 
@@ -133,6 +133,18 @@ def test_real_sleeps_are_never_shorter_than_the_profile() -> None:
     st.forward(0, None)
     st.backward(None)
     assert time.perf_counter() - t0 >= 0.05
+
+
+def test_an_interval_ends_at_its_deadline_when_the_sleep_wakes_late() -> None:
+    clock = FakeClock()
+
+    def late(s: float) -> None:  # a loaded machine: the sleep wakes 1 ms late; a spin step
+        clock.sleep(s + 1e-3 if s > 0 else 1e-5)  # (sleep(0)) takes 10 us
+
+    st = EmulatedStage(0.1, 0.0, None, None, sleep=late, clock=clock.clock, spin_s=2e-3)
+    st.forward(0, None)
+    assert clock.sleeps[0] == pytest.approx(0.1 - 2e-3 + 1e-3)
+    assert 0.1 <= clock.now - 100.0 <= 0.1 + 1e-5 + 1e-9
 
 
 def test_slowdown_and_time_scale_parsing() -> None:

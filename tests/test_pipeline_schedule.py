@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from hpcsrl.pipeline import schedule as schedule_module
-from hpcsrl.pipeline.schedule import AGGREGATE, STOP, WORK, Scheduler
+from hpcsrl.pipeline.schedule import AGGREGATE, ROUTE, STOP, WORK, Action, Scheduler
 from hpcsrl.pipeline.simulate import simulate, simulated_rate
 from hpcsrl.pipeline.topology import Layout
 
@@ -146,3 +146,18 @@ def test_mid_window_every_free_stage0_replica_works() -> None:
                                   slowdown={0: 3.0})
     assert both > 1.25 * fast_only
     assert 10 <= counts[0] <= 20 and counts[0] + counts[1] == 60
+
+
+def test_a_busy_replica_is_reserved_and_starts_the_request_when_it_frees() -> None:
+    sched = Scheduler(Layout.of([3, 1]), total=6, aggregate_every=6)
+    for r in range(4):
+        sched.free(r, now=0.0)  # ranks 0-2 get ids 0-2
+    assert sched.forwarded(0, 0, now=1.0) == [Action(ROUTE, 0, 0, 3), Action(WORK, 3, 0, 0)]
+    # rank 3 is busy: the request is routed at once (the activation goes out now) ...
+    assert sched.forwarded(1, 1, now=1.1) == [Action(ROUTE, 1, 1, 3)]
+    # ... and a third waits: one reservation per replica
+    assert sched.forwarded(2, 2, now=1.2) == []
+    # freeing rank 3 starts the reserved mini-batch first; rank 0 gets its gradient and goes on
+    acts = sched.free(3, 0, busy_s=2.0, now=3.0)
+    assert acts[0] == Action(WORK, 3, 1, 1) and Action(ROUTE, 2, 2, 3) in acts
+    assert sched.activity(3).startswith("receiving mini-batch 1 from rank 1")

@@ -34,6 +34,13 @@ from hpcsrl.pipeline.cuts import CutSpec, TensorSpec
 TRACE_FIELDS = ("mb", "rank", "stage", "forward_start", "forward_end", "backward_start",
                 "backward_end")
 MAX_FACTOR = 1e6  # a time-scale or slowdown beyond this is a typo, not a cluster
+# An emulated interval ends at a deadline: one sleep that stops SPIN_S early, then the rank stays
+# on the CPU (yielding the GIL) until the deadline. One plain sleep overshot by 1-1.5 ms on
+# average on the loaded shared machine (a woken process can wait for a core for milliseconds),
+# about 1 % of a 620 ms chain, which the runs then counted as the cluster's time; spinning the
+# last SPIN_S costs about that much CPU per interval.
+SPIN_S = 1.5e-3
+PR_SET_TIMERSLACK = 29  # prctl option (linux/prctl.h)
 
 
 @dataclass(frozen=True)
@@ -87,22 +94,22 @@ def _check(ts: Sequence[Tensor], mb: int, what: str) -> None:
 class EmulatedStage:
     """A `StageCompute` that sleeps `forward_s` / `backward_s` (already scaled) per mini-batch.
 
-    `trace` (optional) receives one CSV row per mini-batch; `sleep` and `clock` are injectable for
-    tests.
+    `trace` (optional) receives one CSV row per mini-batch; `sleep`, `clock` and `spin_s` (the
+    last part of each interval spent on the CPU, 0: one plain sleep) are injectable for tests.
     """
 
     def __init__(self, forward_s: float, backward_s: float, in_spec: CutSpec | None,
                  out_spec: CutSpec | None, param_bytes: int = 0, *, rank: int = 0,
                  stage: int = 0, trace: IO[str] | None = None,
                  sleep: Callable[[float], None] = time.sleep,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, spin_s: float = SPIN_S) -> None:
         if not (forward_s >= 0 and backward_s >= 0):
             raise ValueError("emulated times must be >= 0")
         self.forward_s, self.backward_s = forward_s, backward_s
         self.in_spec, self.out_spec = in_spec, out_spec
         self.loss: float | None = None
         self.rank, self.stage, self.trace = rank, stage, trace
-        self._sleep, self._clock = sleep, clock
+        self._sleep, self._clock, self._spin_s = sleep, clock, spin_s
         self._out = [s.empty().zero_() for s in out_spec.tensors] if out_spec else None
         self._back = ([s.empty().zero_() for s in in_spec.grad_specs()] if in_spec else None)
         n = max(1, param_bytes // 4) if param_bytes else 0
@@ -120,7 +127,7 @@ class EmulatedStage:
                                    f"{len(self.in_spec.tensors)} input tensors")
             _check(inputs, mb, "activation")
         self._mb = mb
-        self._sleep(self.forward_s)
+        self._sleep_until(t0 + self.forward_s)
         self._row = [t0, self._clock()]
         if self._out is None:
             self.loss = None  # no loss is emulated (the report's loss stays empty)
@@ -136,13 +143,22 @@ class EmulatedStage:
                 raise RuntimeError(f"emulated stage {self.stage} expects "
                                    f"{len(self.out_spec.grad_specs())} gradient tensors")
             _check(grads, self._mb, "gradient")
-        self._sleep(self.backward_s)
+        self._sleep_until(t0 + self.backward_s)
         self._row += [t0, self._clock()]
         if self._back is None:
             return None
         for t in self._back:
             _mark(t, self._mb)
         return self._back
+
+    def _sleep_until(self, deadline: float) -> None:
+        left = deadline - self._clock()
+        if left > self._spin_s:
+            self._sleep(left - self._spin_s)
+            left = deadline - self._clock()
+        while left > 0:  # sleep(0) returns at once but lets another thread take the GIL
+            self._sleep(0.0 if self._spin_s > 0 else left)
+            left = deadline - self._clock()
 
     def step(self, mb: int) -> None:
         if self.trace is not None and len(self._row) == 4:
@@ -255,8 +271,21 @@ def check_emulated_run(o: Any, size: int) -> dict[str, Any]:
         "lock": lock}
 
 
+def fine_timers() -> None:
+    """Ask Linux for 1 us timer slack in this process (threads started later inherit it): the
+    default 50 us is added to every sleep, the emulated ones and the runtime's polls alike.
+    Best effort: elsewhere sleeps only end a little later."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_TIMERSLACK, 1000, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+
+
 def emulated_stage(spec: dict[str, Any], stage: int, rank: int) -> EmulatedStage:
     """This rank's `EmulatedStage` from the run description of `check_emulated_run`."""
+    fine_timers()
     em = spec["emulate"]
     times = [StageTimes(**t) for t in em["stages"]]
     t = times[stage]

@@ -16,13 +16,16 @@ it first: a free replica finishes at now + its running average of own compute pe
 busy one at its expected release (when it got its mini-batch + its running average of time held,
 which includes waiting downstream) + that average. The stages after it take the same time
 whichever replica it is, so they do not enter the comparison (holds would bring their queueing
-noise in). If the best replica is busy the request waits for it (a slow free node is not worth
-it); otherwise it is matched at once. So a slower node gets proportionally less work, and with
-equal nodes requests go to whichever is free. The
-backward returns along the same chain (each rank remembers its upstream rank). Fixed chains
-(Fig. 4a, `FixedChains` at the end): C = max_s r_s chains, chain c is replica c mod r_s of every
-stage, routing goes to the chain neighbour, chain c gets every C-th mini-batch id of each window,
-and a replica shared by several chains takes their ids in increasing order (round-robin).
+noise in). If the best replica is busy (a slow free node is not worth it) and nothing is
+reserved on it yet, the request is routed to it at once and reserved: the sender posts its
+activation now and the replica starts it the moment it frees, so neither the sender's wake-up
+nor a scheduler round trip lies between the replica's two mini-batches; if the best is busy and
+reserved, the request waits. So a slower node gets proportionally less work, and with equal
+nodes requests go to whichever is free (or frees first). The backward returns along the same
+chain (each rank remembers its upstream rank). Fixed chains (Fig. 4a, `FixedChains` at the
+end): C = max_s r_s chains, chain c is replica c mod r_s of every stage, routing goes to the
+chain neighbour, chain c gets every C-th mini-batch id of each window, and a replica shared by
+several chains takes their ids in increasing order (round-robin).
 
 Mini-batch ids are issued in increasing order (per chain with fixed chains), to stage-0 replicas
 only, windows of K at a time. When a window's ids are all issued and every rank is free, all
@@ -37,11 +40,16 @@ Invariants (tested in tests/test_pipeline_schedule.py by simulation):
   1. A rank holds at most one mini-batch: it gets WORK only while free and is free again only
      after its own backward (one outstanding request per rank, one answer per request).
   2. Every id in [first, total) is issued exactly once; `assignment[mb]` records its chain.
-  3. ROUTE only ever names a free replica, which is sent WORK(mb, src) at the same moment: the
-     receiver posts its receive at once and the sender has posted its gradient receive before it
-     sends, so no send waits on a busy receiver and message order cannot deadlock.
-  4. AGGREGATE/STOP are sent only when no mini-batch is in flight and every rank is free, so all
-     replicas of a stage enter the stage collective together.
+  3. ROUTE names a free replica, which is sent WORK(mb, src) at the same moment, or (dynamic) a
+     busy one reserved for it (at most one reservation per replica), which is sent WORK(mb, src)
+     in the very dispatch that sees it free, before anything else can claim it. The sender has
+     posted its gradient receive before it sends. A send to a busy receiver waits only for that
+     receiver's current mini-batch, whose chain runs on later stages only, so waits never form
+     a cycle, and tags (mini-batch, direction) keep the early message from matching anything
+     else.
+  4. AGGREGATE/STOP are sent only when no mini-batch is in flight and every rank is free (a
+     reserved rank is never free: it starts its reservation), so all replicas of a stage enter
+     the stage collective together.
   5. Progress: the last stage waits for nobody downstream, so every chain completes; every
      completion frees a rank, which is matched at once if work is waiting. A request or id left
      for a busy replica does not stall: that replica frees (its chain completes), and a free
@@ -81,6 +89,7 @@ class _Rank:
     done: int = 0             # mini-batches completed
     since: float = 0.0        # when it got its current mini-batch
     hold: float | None = None  # running average of seconds from WORK to free (its chain's time)
+    reserved: tuple[int, int] | None = None  # (mb, upstream) routed to it while busy
     busy: float | None = None  # running average of its own compute seconds per mini-batch
 
 
@@ -172,12 +181,9 @@ class Scheduler:
     def _average(self, old: float | None, new: float) -> float:
         return new if old is None else self.alpha * new + (1 - self.alpha) * old
 
-    def _pick(self, stage: int, upstream: int, now: float, release: dict[int, float]
-              ) -> int | None:
-        """The replica to hand `upstream`'s activation to now, or None to wait for a busy one.
-
-        `release[r]`: when replica r is expected to be free (updated as requests are promised
-        to busy replicas during one dispatch)."""
+    def _pick(self, stage: int, upstream: int, now: float) -> int | None:
+        """The replica to hand `upstream`'s activation to: a free one, a busy one without a
+        reservation (dynamic chains: reserved for it), or None (wait)."""
         if self.fixed is not None:
             mb = self.ranks[upstream].mb
             partner = self.fixed.member(mb, stage)
@@ -188,36 +194,38 @@ class Scheduler:
         best: tuple[float, int, int] | None = None
         for r in self.layout.ranks_of(stage):
             st = self.ranks[r]
-            if st.phase in ("joining", "aggregating"):
+            if st.phase in ("joining", "aggregating") or st.reserved is not None:
                 continue
-            idle = st.phase == "idle" and r not in release
-            start = now if idle else max(now, release.get(r, st.since + (st.hold or 0.0)))
+            idle = st.phase == "idle"
+            start = now if idle else max(now, st.since + (st.hold or 0.0))
             key = (start + (st.busy or 0.0), 0 if idle else 1, r)
             best = key if best is None or key < best else best
-        if best is None:
-            return None
-        r = best[2]
-        if best[1] == 0:
-            return r
-        release[r] = best[0]  # promised to this request: later ones see it busy until then
-        return None
+        return None if best is None else best[2]
 
     def _dispatch(self, now: float) -> list[Action]:
         out: list[Action] = []
         n = self.layout.stages
+        for r, st in self.ranks.items():  # a freed replica starts what was routed to it
+            if st.phase == "idle" and st.reserved is not None:
+                (mb, up), st.reserved = st.reserved, None
+                st.mb, st.phase, st.peer, st.since = mb, "forward", up, now
+                out.append(Action(WORK, r, mb, up))
         for s in range(n - 2, -1, -1):  # hand activations down first: it frees upstream ranks
             queue = self.waiting[s]
-            release: dict[int, float] = {}
             for up in list(queue):
-                dst = self._pick(s + 1, up, now, release)
+                dst = self._pick(s + 1, up, now)
                 if dst is None:
                     continue
                 queue.remove(up)
                 u, d = self.ranks[up], self.ranks[dst]
                 u.phase, u.peer = "backward", dst
-                d.mb, d.phase, d.peer, d.since = u.mb, "forward", up, now
                 self.assignment[u.mb].append(dst)
-                out += [Action(ROUTE, up, u.mb, dst), Action(WORK, dst, u.mb, up)]
+                out.append(Action(ROUTE, up, u.mb, dst))
+                if d.phase == "idle":
+                    d.mb, d.phase, d.peer, d.since = u.mb, "forward", up, now
+                    out.append(Action(WORK, dst, u.mb, up))
+                else:  # sent now, received the moment dst frees (WORK above, first thing)
+                    d.reserved = (u.mb, up)
         if self.round >= 0:
             for r in self._admissions(now):
                 mb = self._next_id(r)

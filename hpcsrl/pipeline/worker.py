@@ -14,7 +14,7 @@ from hpcsrl.pipeline.compute import StageCompute
 from hpcsrl.pipeline.coordinator import FORWARDED, FREE, SchedulerClient
 from hpcsrl.pipeline.schedule import AGGREGATE, ROUTE, STOP, WORK, Action
 from hpcsrl.pipeline.topology import Layout
-from hpcsrl.pipeline.transport import ACTIVATION, GRADIENT, Transport, Waiter
+from hpcsrl.pipeline.transport import ACTIVATION, GRADIENT, Pending, Transport, Waiter
 
 
 @dataclass
@@ -40,6 +40,16 @@ class StageWorker:
         self.compute, self.transport, self.client, self.waiter = compute, transport, client, waiter
         self.on_aggregate = on_aggregate
         self.stats = WorkerStats()
+        # the last gradient sent upstream and what to say if it stalls: completed before the
+        # next mini-batch or aggregation, not before asking for work (asking first takes the
+        # completion's wake-ups off the chain's critical path; polling for the reply progresses
+        # the send)
+        self._sending: tuple[Pending, str] | None = None
+
+    def _complete_send(self) -> None:
+        if self._sending is not None:
+            self.waiter.wait(*self._sending)
+            self._sending = None
 
     def run(self) -> None:
         action = self.client.request(FREE)
@@ -47,6 +57,7 @@ class StageWorker:
             if action.kind == WORK:
                 action = self._work(action)
             elif action.kind in (AGGREGATE, STOP):
+                self._complete_send()
                 t0 = time.perf_counter()
                 self.on_aggregate(action.round, action.kind == STOP)
                 self.stats.aggregate_s += time.perf_counter() - t0
@@ -58,6 +69,7 @@ class StageWorker:
                 raise RuntimeError(f"rank {self.rank}: unexpected scheduler action {action}")
 
     def _work(self, a: Action) -> Action:
+        self._complete_send()
         mb, src = a.mb, a.peer
         c, tr, desc = self.compute, self.transport, self.layout.describe
         inputs = None
@@ -89,7 +101,7 @@ class StageWorker:
         c.step(mb)
         busy += time.perf_counter() - t0
         if up is not None:
-            self.waiter.wait(up, f"sending mini-batch {mb}'s gradient to {desc(src)}")
+            self._sending = (up, f"sending mini-batch {mb}'s gradient to {desc(src)}")
         st = self.stats
         st.iterations += 1
         st.since_aggregation += 1
