@@ -62,7 +62,6 @@ def test_momentum_methods_are_refused_with_the_reason(files, tmp_path) -> None:
     ({"input_size": 64}, {}, "differs from the plan's 32"),
     ({}, {"bands": 12}, "profiled with 12 bands"),
     ({"memory": 10_000_000}, {}, "stage 0 needs"),
-    ({"chains": "fixed"}, {}, "same replica count"),
     ({"iterations": None}, {}, "exactly one of"),
 ])
 def test_plan_against_data_and_options(files, tmp_path, kw, plan_kw, match) -> None:

@@ -1,8 +1,8 @@
 """Which rank is which stage replica, and the communicators that follow (pure layout + MPI split).
 
 Ranks are laid out stage by stage: with replicas 3/2/1, ranks 0-2 are stage 0, 3-4 stage 1,
-5 stage 2. Fixed chain c is replica c of every stage. Rank 0 (stage 0, replica 0) also hosts the
-scheduler and writes checkpoints and reports.
+5 stage 2. Fixed chain c is replica c mod r_s of every stage s (`schedule.FixedChains`).
+Rank 0 (stage 0, replica 0) also hosts the scheduler and writes checkpoints and reports.
 """
 
 from __future__ import annotations
@@ -56,11 +56,6 @@ class Layout:
 
     def describe(self, rank: int) -> str:
         return f"rank {rank} (stage {self.stage_of(rank)}, replica {self.replica_of(rank)})"
-
-    @property
-    def fixed_chains(self) -> int | None:
-        """Number of fixed chains, or None when stages have unequal replica counts."""
-        return self.replicas[0] if len(set(self.replicas)) == 1 else None
 
 
 @dataclass
