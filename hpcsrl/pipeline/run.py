@@ -27,7 +27,12 @@ from hpcsrl.fileio import atomic_path, write_json
 from hpcsrl.log import get_logger
 from hpcsrl.pipeline.aggregate import Aggregator, digest
 from hpcsrl.pipeline.compute import TorchStage
-from hpcsrl.pipeline.coordinator import Coordinator, PeerFailure, SchedulerClient
+from hpcsrl.pipeline.coordinator import (
+    RANK_POLL_MAX_S,
+    Coordinator,
+    PeerFailure,
+    SchedulerClient,
+)
 from hpcsrl.pipeline.cuts import describe_cuts, slice_stage, stage_bounds
 from hpcsrl.pipeline.schedule import Scheduler
 from hpcsrl.pipeline.state import assemble, load_part, lr_factor, split_checkpoint, stage_part
@@ -361,7 +366,7 @@ def _run(o: DhpOptions, world: MPI.Comm, spec: dict[str, Any], log: Any) -> int:
         coordinator = Coordinator(comms.sched, sched, o.timeout, min(2.0, o.timeout / 5))
     client = SchedulerClient(comms.sched, rank, layout, o.timeout, min(2.0, o.timeout / 5),
                              coordinator)
-    waiter = Waiter(o.wait, on_poll=client.check)
+    waiter = Waiter(o.wait, max_sleep_s=RANK_POLL_MAX_S, on_poll=client.check)
     transport = Transport(comms.data)
     aggregator = Aggregator(comms.stage, waiter.wait, compute.counters())
     writer = _Writer(o, spec, layout, coordinator, log) if rank == 0 else None
