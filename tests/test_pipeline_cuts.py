@@ -8,13 +8,15 @@ bit-identical parameter gradients (and loss) to the unsplit model.
 from __future__ import annotations
 
 import copy
+import pickle
 
 import pytest
 import torch
 
 from hpcsrl.models.registry import build_method
+from hpcsrl.models.units import tensors_of
 from hpcsrl.pipeline.compute import TorchStage
-from hpcsrl.pipeline.cuts import describe_cuts, slice_stage, spec_of, stage_bounds
+from hpcsrl.pipeline.cuts import chain_input_only, describe_cuts, slice_stage, spec_of, stage_bounds
 from hpcsrl.pipeline.run import MOMENTUM_METHODS, SUPPORTED
 
 # ResNet-34/50 take ~10 s each on 2 cores: slow, but run by `make test`.
@@ -115,3 +117,31 @@ def test_every_parameter_belongs_to_one_stage_and_momentum_methods_are_listed() 
     names = [n for a, b in bounds for n in slice_stage(model, a, b).param_names]
     assert names == [n for n, _ in model.named_parameters()]
     assert set(MOMENTUM_METHODS).isdisjoint(SUPPORTED)
+
+
+@pytest.mark.parametrize("method", ["lite-srl", "dual-simclr"])
+def test_a_pickled_stage_carries_only_its_own_units(method: str) -> None:
+    """What rank 0 sends a stage's ranks: that stage's parameters and buffers and no other
+    (the receiver never holds the whole model); the first stage's chain-input shell has none."""
+    channels, x_a, x_b = _inputs(method)
+    torch.manual_seed(0)
+    model = build_method(method, "resnet18", in_channels=channels)
+    model.to(memory_format=torch.channels_last)
+    bounds = stage_bounds([6, 16], len(model.units()))
+    total = sum(p.numel() for p in model.parameters())
+    seen = 0
+    for a, b in bounds:
+        part = slice_stage(model, a, b)
+        got = pickle.loads(pickle.dumps(part))
+        held = {id(p): p for _, u in got.units for p in u.parameters()}
+        assert sorted(map(id, got.params)) == sorted(held)  # the slice's lists share the units'
+        assert sum(p.numel() for p in held.values()) == sum(p.numel() for p in part.params)
+        for p, q in zip(part.params, got.params, strict=True):
+            assert torch.equal(p, q) and p.stride() == q.stride() and q.requires_grad
+        seen += sum(p.numel() for p in got.params)
+    assert seen == total
+    shell = chain_input_only(model)
+    assert len(pickle.dumps(shell)) < 10_000 and not list(shell.parameters())
+    want, got_in = model.chain_input(x_a, x_b), shell.chain_input(x_a, x_b)
+    for w, g in zip(tensors_of(want), tensors_of(got_in), strict=True):
+        assert torch.equal(w, g)

@@ -5,6 +5,8 @@ Replicas of a dynamic stage run different counts (e.g. 329/331/340 in the paper'
 plain mean would over-weight the replica that learned least. The weighted sum is reduced to
 replica 0 and broadcast, so every replica ends bit-identical (an allreduce may round differently
 on different ranks). Integer buffers (BatchNorm's batch counters) add up their increments.
+The sum runs in float64 through one buffer of CHUNK elements, reduced a chunk at a time, so
+averaging costs a stage at most 2 x 8 x CHUNK bytes more memory, not several copies of its state.
 """
 
 from __future__ import annotations
@@ -18,6 +20,18 @@ from mpi4py import MPI
 from torch import Tensor
 
 from hpcsrl.pipeline.transport import Pending
+
+CHUNK = 1 << 20  # float64 elements per reduction (8 MiB)
+
+
+def flat_view(t: Tensor) -> Tensor:
+    """A 1-D view of a dense tensor's memory in storage order (channels-last included)."""
+    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(
+            memory_format=torch.channels_last):
+        t = t.permute(0, 2, 3, 1)
+    if not t.is_contiguous():
+        raise ValueError("only dense tensors can be averaged in place")
+    return t.detach().view(-1)
 
 
 class Aggregator:
@@ -39,17 +53,7 @@ class Aggregator:
         size = self.comm.Get_size()
         w = processed / int(total[0]) if total[0] > 0 else 1.0 / size
         if state:
-            flat = torch.cat([t.detach().reshape(-1).double() for t in state]) * w
-            summed = torch.empty_like(flat)
-            a, b = flat.numpy(), summed.numpy()
-            self.wait(Pending([self.comm.Ireduce(a, b, op=MPI.SUM, root=0)]), what)
-            self.wait(Pending([self.comm.Ibcast(b, root=0)]), what)
-            offset = 0
-            with torch.no_grad():
-                for t in state:
-                    k = t.numel()
-                    t.copy_(summed[offset:offset + k].view(t.shape).to(t.dtype))
-                    offset += k
+            self._weighted_sum(state, w, what)
         if counters:
             inc = np.array([int(c) - int(b) for c, b in zip(counters, self._base, strict=True)],
                            dtype=np.int64)
@@ -60,6 +64,40 @@ class Aggregator:
                     c.fill_(int(b) + int(d))
             self._base = [c.clone() for c in counters]
         return w
+
+
+    def _weighted_sum(self, state: list[Tensor], w: float, what: str) -> None:
+        """state <- sum over replicas of w_i state_i, chunk by chunk (pieces of tensors)."""
+        n = sum(t.numel() for t in state)
+        size = min(CHUNK, n)
+        flat = torch.empty(size, dtype=torch.float64)
+        summed = torch.empty(size, dtype=torch.float64)
+        pieces: list[tuple[Tensor, int]] = []  # (piece of a tensor, its offset in `flat`)
+        used = 0
+
+        def flush() -> None:
+            a, b = flat[:used].numpy(), summed[:used].numpy()
+            self.wait(Pending([self.comm.Ireduce(a, b, op=MPI.SUM, root=0)]), what)
+            self.wait(Pending([self.comm.Ibcast(b, root=0)]), what)
+            for piece, at in pieces:
+                piece.copy_(summed[at:at + piece.numel()])
+            pieces.clear()
+
+        with torch.no_grad():
+            for t in state:
+                v, start = flat_view(t), 0
+                while start < v.numel():
+                    k = min(v.numel() - start, size - used)
+                    piece = v[start:start + k]
+                    flat[used:used + k].copy_(piece).mul_(w)
+                    pieces.append((piece, used))
+                    used += k
+                    start += k
+                    if used == size:
+                        flush()
+                        used = 0
+            if used:
+                flush()
 
 
 def digest(tensors: list[Tensor]) -> str:

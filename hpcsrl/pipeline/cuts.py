@@ -8,6 +8,7 @@ pass of the whole chain on the `meta` device: no memory, no data, identical on e
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -158,6 +159,15 @@ def slice_stage(model: SSLMethod, first: int, end: int) -> StageSlice:
             bnames.append(name)
             bufs.append(b)
     return StageSlice(units, pnames, pidx, bnames, params, bufs)
+
+
+def chain_input_only(model: SSLMethod) -> SSLMethod:
+    """A copy of `model` without modules, parameters or buffers: its `chain_input` (plain
+    attributes only, e.g. a band split) for a first stage that holds no other part of the model;
+    a few hundred bytes when pickled."""
+    shell = copy.copy(model)
+    shell.__dict__.update(_modules={}, _parameters={}, _buffers={})
+    return shell
 
 
 def check_disjoint(model: SSLMethod, bounds: Sequence[tuple[int, int]]) -> None:

@@ -9,6 +9,7 @@ import csv
 import io
 import math
 import os
+import pickle
 import resource
 import signal
 import socket
@@ -21,10 +22,12 @@ from typing import Any
 import numpy as np
 import torch
 from mpi4py import MPI
+from torch import Tensor
 
 from hpcsrl.errors import UserError
 from hpcsrl.fileio import atomic_path, write_json
 from hpcsrl.log import get_logger
+from hpcsrl.models.base import SSLMethod
 from hpcsrl.pipeline.aggregate import Aggregator, digest
 from hpcsrl.pipeline.compute import TorchStage
 from hpcsrl.pipeline.coordinator import (
@@ -33,11 +36,27 @@ from hpcsrl.pipeline.coordinator import (
     PeerFailure,
     SchedulerClient,
 )
-from hpcsrl.pipeline.cuts import describe_cuts, slice_stage, stage_bounds
+from hpcsrl.pipeline.cuts import (
+    StageSlice,
+    chain_input_only,
+    describe_cuts,
+    slice_stage,
+    stage_bounds,
+)
 from hpcsrl.pipeline.schedule import Scheduler
-from hpcsrl.pipeline.state import assemble, load_part, lr_factor, split_checkpoint, stage_part
+from hpcsrl.pipeline.state import (
+    StagePart,
+    assemble,
+    empty_part,
+    lr_factor,
+    part_layout,
+    part_tensors,
+    set_momentum,
+    split_checkpoint,
+    stage_part,
+)
 from hpcsrl.pipeline.topology import Layout, make_comms
-from hpcsrl.pipeline.transport import Pending, Transport, Waiter
+from hpcsrl.pipeline.transport import Pending, Transport, Waiter, as_buffer
 from hpcsrl.pipeline.worker import StageWorker
 
 CHECKPOINT = "checkpoint.pt"
@@ -51,7 +70,8 @@ SUPPORTED = ("lite-srl", "simsiam", "simclr", "dual-simclr")
 MOMENTUM_METHODS = ("byol", "moco-v2")
 RANK_FIELDS = ("rank", "host", "stage", "replica", "iterations", "busy_s", "wait_s",
                "aggregate_s", "bytes_sent", "bytes_received", "messages_sent",
-               "messages_received", "peak_rss_bytes", "plan_memory_bytes")
+               "messages_received", "peak_rss_bytes", "rss_before_stage_bytes",
+               "plan_memory_bytes")
 # pretrain-record keys that must match for --resume (the plan and rank count may change)
 RESUME_KEYS = ("method", "backbone", "bands", "batch_size", "input_size", "lr", "weight_decay",
                "momentum", "seed", "limit", "monitor_samples", "method_options", "augment")
@@ -242,6 +262,7 @@ def check_run(o: DhpOptions, size: int) -> dict[str, Any]:
         end = min(total, first + windows * o.aggregate_every)
     return {
         "plan": plan, "replicas": replicas, "cuts": cuts, "n_units": len(names),
+        "cut_specs": describe_cuts(model.config, batch, ds.channels, size_px, cuts),
         "config": model.config, "cfg": asdict(cfg), "record": record, "channels": ds.channels,
         "band_names": list(ds.band_names), "sensor": ds.sensor, "steps_per_epoch": spe,
         "total": total, "first": first, "end": end, "resume_from": resume_from,
@@ -264,14 +285,21 @@ def _gather(comm: MPI.Comm, obj: Any, waiter: Waiter, what: str) -> list[Any] | 
     out: list[Any] = [None] * size
     out[0] = obj
     for src in range(1, size):
-        sleep = 20e-6
-        while not comm.Iprobe(source=src, tag=7):
-            if waiter.on_poll is not None:
-                waiter.on_poll(what)
-            time.sleep(sleep)
-            sleep = min(2e-3, sleep * 2)
-        out[src] = comm.recv(source=src, tag=7)
+        out[src] = _polled_recv(comm, src, 7, waiter, what)
     return out
+
+
+def _polled_recv(comm: MPI.Comm, src: int, tag: int, waiter: Waiter, what: str) -> Any:
+    """A pickled object from `src`, probed with a back-off (a blocking recv spins a core)."""
+    sleep = 20e-6
+    t0 = time.perf_counter()
+    while not comm.Iprobe(source=src, tag=tag):
+        if waiter.on_poll is not None:
+            waiter.on_poll(what)
+        time.sleep(sleep)
+        sleep = min(2e-3, sleep * 2)
+    waiter.wait_s += time.perf_counter() - t0
+    return comm.recv(source=src, tag=tag)
 
 
 def _polled_barrier(comm: MPI.Comm, waiter: Waiter, what: str) -> None:
@@ -310,7 +338,6 @@ def run(o: DhpOptions) -> int:
 
 
 def _run(o: DhpOptions, world: MPI.Comm, spec: dict[str, Any], log: Any) -> int:
-    from hpcsrl.models.registry import model_from_config
     from hpcsrl.train.loop import PretrainConfig
 
     rank = world.Get_rank()
@@ -321,19 +348,15 @@ def _run(o: DhpOptions, world: MPI.Comm, spec: dict[str, Any], log: Any) -> int:
     total = spec["total"]
     err = None
     compute = None
+    rss_before_stage = _peak_rss()  # interpreter, torch, MPI: what no stage can save
     try:
         if "emulate" in spec:  # profiled sleeps and cut sizes instead of the model
             from hpcsrl.pipeline.emulate import emulated_stage
 
             compute = emulated_stage(spec, stage, rank)
         else:
-            torch.manual_seed(cfg.seed)  # every rank builds the same initial model
-            model = model_from_config(spec["config"])
-            model.to(memory_format=torch.channels_last)
-            model.train()
-            part = slice_stage(model, *bounds[stage])
-            specs = describe_cuts(spec["config"], cfg.batch_size, spec["channels"], cfg.input_size,
-                                  spec["cuts"])
+            part, momentum, shell = _receive_stage(world, spec, layout, bounds, Waiter(o.wait))
+            specs = spec["cut_specs"]
             in_spec = specs[stage - 1] if stage > 0 else None
             out_spec = specs[stage] if stage < layout.stages - 1 else None
             from hpcsrl.train.optim import make_optimizer
@@ -343,10 +366,9 @@ def _run(o: DhpOptions, world: MPI.Comm, spec: dict[str, Any], log: Any) -> int:
             def lr_at(mb: int) -> float:
                 return cfg.base_lr * lr_factor(total, mb)
 
-            source = _data_source(o, cfg, model, spec["steps_per_epoch"]) if stage == 0 else None
+            source = _data_source(o, cfg, shell, spec["steps_per_epoch"]) if stage == 0 else None
             compute = TorchStage(part, in_spec, out_spec, opt, lr_at, source)
-            if stage != 0:
-                del model
+            set_momentum(compute, momentum)
     except UserError as exc:
         err = f"rank {rank}: {exc}"
     errors = world.allgather(err)
@@ -357,7 +379,6 @@ def _run(o: DhpOptions, world: MPI.Comm, spec: dict[str, Any], log: Any) -> int:
         return 2
     assert compute is not None
     procs = world.allgather((socket.gethostname(), os.getpid()))
-    _distribute_resume(world, spec, compute, layout, bounds)
     comms = make_comms(world, layout)
     coordinator = None
     if rank == 0:
@@ -383,13 +404,26 @@ def _run(o: DhpOptions, world: MPI.Comm, spec: dict[str, Any], log: Any) -> int:
         digests.append(digest([*compute.state(), *compute.counters()])
                        if layout.replicas[stage] > 1 else "single replica")
         st = worker.stats
+        part = stage_part(compute) if replica == 0 and "emulate" not in spec else None
         msg = {"rank": rank, "loss_sum": st.loss_sum, "loss_n": st.loss_n,
-               "part": stage_part(compute) if replica == 0 and "emulate" not in spec
-               else None}
+               "part": part_layout(part) if part is not None else None}
         st.loss_sum, st.loss_n = 0.0, 0
-        got = _gather(comms.ckpt, msg, waiter, "sending its stage to rank 0 for the checkpoint")
-        if writer is not None and got is not None:
-            writer.checkpoint(got, round_, final)
+        what = "sending its stage to rank 0 for the checkpoint"
+        got = _gather(comms.ckpt, msg, waiter, what)
+        if got is None:
+            if part is not None:  # raw buffers, no copy: the state is not touched until sent
+                waiter.wait(Pending([comms.ckpt.Isend(as_buffer(t), dest=0, tag=8)
+                                     for t in part_tensors(part)]), what)
+            return
+        parts = [] if part is None else [part]
+        for src, m in enumerate(got):
+            if src > 0 and m["part"] is not None:
+                theirs, bufs = empty_part(m["part"])
+                waiter.wait(Pending([comms.ckpt.Irecv(as_buffer(t), source=src, tag=8)
+                                     for t in bufs]), f"receiving rank {src}'s stage")
+                parts.append(theirs)
+        if writer is not None:
+            writer.checkpoint(got, parts, round_, final)
 
     worker = StageWorker(layout, rank, compute, transport, client, waiter, on_aggregate)
     _polled_barrier(world, Waiter(o.wait), "starting")
@@ -406,7 +440,7 @@ def _run(o: DhpOptions, world: MPI.Comm, spec: dict[str, Any], log: Any) -> int:
                "aggregate_s": round(worker.stats.aggregate_s, 4),
                "bytes_sent": c.bytes_sent, "bytes_received": c.bytes_received,
                "messages_sent": c.messages_sent, "messages_received": c.messages_received,
-               "peak_rss_bytes": _peak_rss(),
+               "peak_rss_bytes": _peak_rss(), "rss_before_stage_bytes": rss_before_stage,
                "plan_memory_bytes": int(spec["plan"]["stages"][stage].get("memory_bytes", 0)),
                "state_digests": digests}
         rows = _gather(comms.ckpt, row, waiter, "sending its report to rank 0")
@@ -492,31 +526,65 @@ def _data_source(o: DhpOptions, cfg: Any, model: Any, steps_per_epoch: int) -> A
     return source
 
 
-def _distribute_resume(world: MPI.Comm, spec: dict[str, Any], compute: TorchStage,
-                       layout: Layout, bounds: list[tuple[int, int]]) -> None:
-    """On --resume, rank 0 reads the checkpoint and sends every rank its stage's tensors."""
-    if not spec.get("resume_from"):
-        return
+def _receive_stage(world: MPI.Comm, spec: dict[str, Any], layout: Layout,
+                   bounds: list[tuple[int, int]], waiter: Waiter
+                   ) -> tuple[StageSlice, dict[str, Tensor], SSLMethod | None]:
+    """This rank's stage, built once on rank 0 and sent: (units with their parameters and
+    buffers, SGD momentum by parameter name, the chain-input shell on stage 0).
+
+    Only rank 0 ever holds the whole model, and only here: it builds it with the run's seed (so
+    the initial weights are those of `hpcsrl pretrain`), loads the --resume checkpoint into it,
+    pickles each stage's units to that stage's ranks, and keeps its own stage. Every other rank
+    holds its own stage's tensors and nothing else, whatever plan wrote the checkpoint.
+    """
     rank = world.Get_rank()
-    if rank == 0:
-        from hpcsrl.models.registry import model_from_config
+    if rank != 0:
+        blob = _polled_recv(world, 0, 11, waiter, "receiving its stage from rank 0")
+        if blob is None:
+            raise UserError("rank 0 could not build the model (see its message)")
+        return pickle.loads(blob)
+    try:
+        return _send_stages(world, spec, layout, bounds)
+    except BaseException:
+        for r in range(1, layout.size):  # nobody waits for a stage that will not come
+            world.send(None, dest=r, tag=11)
+        raise
+
+
+def _send_stages(world: MPI.Comm, spec: dict[str, Any], layout: Layout,
+                 bounds: list[tuple[int, int]]
+                 ) -> tuple[StageSlice, dict[str, Tensor], SSLMethod | None]:
+    from hpcsrl.models.registry import model_from_config
+
+    torch.manual_seed(int(spec["cfg"]["seed"]))
+    model = model_from_config(spec["config"])
+    model.to(memory_format=torch.channels_last)
+    model.train()
+    momentum: dict[str, Tensor] = {}
+    if spec.get("resume_from"):
         from hpcsrl.train.checkpoint import read_checkpoint
 
         state, momentum = split_checkpoint(read_checkpoint(spec["resume_from"]))
-        with torch.device("meta"):
-            meta = model_from_config(spec["config"])
-        for r in range(layout.size):
-            part = slice_stage(meta, *bounds[layout.stage_of(r)])
-            names = part.param_names + part.buffer_names
-            msg = ({n: state[n] for n in names},
-                   {n: momentum[n] for n in part.param_names if n in momentum})
-            if r == 0:
-                mine = msg
-            else:
-                world.send(msg, dest=r, tag=11)
-    else:
-        mine = world.recv(source=0, tag=11)
-    load_part(compute, *mine)
+        model.load_state_dict(state)
+        del state
+    shell = chain_input_only(model)
+    mine = None
+    for s in range(layout.stages):
+        part = slice_stage(model, *bounds[s])
+        msg = (part, {n: momentum[n] for n in part.param_names if n in momentum},
+               shell if s == 0 else None)
+        if s == 0:
+            mine = msg
+        others = [r for r in layout.ranks_of(s) if r != 0]
+        if others:  # pickled once per stage, the same bytes to each replica
+            blob = pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL)
+            for r in others:
+                world.send(blob, dest=r, tag=11)
+            del blob
+        del part, msg
+    del model
+    assert mine is not None
+    return mine
 
 
 class _Writer:
@@ -541,7 +609,8 @@ class _Writer:
             rows = list(csv.reader(f))[1:]
         return [r for r in rows if r and int(r[0]) < self.spec["first"]]
 
-    def checkpoint(self, msgs: list[dict[str, Any]], round_: int, final: bool) -> None:
+    def checkpoint(self, msgs: list[dict[str, Any]], parts: list[StagePart], round_: int,
+                   final: bool) -> None:
         from hpcsrl.train.checkpoint import rng_state, write_checkpoint
 
         # ids are issued in windows of K from `first`: round r ends at first + r K (or the end)
@@ -552,7 +621,6 @@ class _Writer:
             self.log.info("iteration %d/%d (emulated)%s", it, self.spec["total"],
                           "  (final)" if final else "")
             return
-        parts = [m["part"] for m in msgs if m["part"] is not None]
         state = assemble(self.spec["config"], parts, self.cfg, self.spec["total"], it)
         loss_n = sum(m["loss_n"] for m in msgs)
         loss = sum(m["loss_sum"] for m in msgs) / loss_n if loss_n else float("nan")

@@ -8,39 +8,57 @@ import math
 from collections import OrderedDict
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 
 from hpcsrl.pipeline.compute import TorchStage
 from hpcsrl.train.optim import OptimOptions, make_optimizer, make_scheduler
 
-StagePart = dict[str, dict[str, np.ndarray]]
-
-
-def _np(t: Tensor) -> np.ndarray:
-    return t.detach().cpu().contiguous().numpy().copy()
+StagePart = dict[str, dict[str, Tensor]]
+GROUPS = ("params", "buffers", "momentum")
+# (group, name, shape, dtype, channels-last) of every tensor of a part, in sending order
+PartLayout = list[tuple[str, str, tuple[int, ...], str, bool]]
 
 
 def stage_part(stage: TorchStage) -> StagePart:
-    """{"params", "buffers", "momentum"}: name -> array, for this stage's tensors."""
+    """{"params", "buffers", "momentum"}: name -> this stage's live tensor (no copy: the
+    checkpoint is written before training goes on)."""
     part = stage.part
-    return {"params": {n: _np(p) for n, p in zip(part.param_names, part.params, strict=True)},
-            "buffers": {n: _np(b) for n, b in zip(part.buffer_names, part.buffers, strict=True)},
-            "momentum": {n: _np(m) for n, m in zip(part.param_names, stage.momentum(),
-                                                    strict=True)}}
+    return {"params": {n: p.detach() for n, p in zip(part.param_names, part.params,
+                                                      strict=True)},
+            "buffers": dict(zip(part.buffer_names, part.buffers, strict=True)),
+            "momentum": dict(zip(part.param_names, stage.momentum(), strict=True))}
 
 
-def load_part(stage: TorchStage, model_state: dict[str, Tensor],
-              momentum: dict[str, Tensor]) -> None:
-    """Set a stage's parameters, buffers and momentum from full-model dictionaries."""
-    part = stage.part
+def part_layout(part: StagePart) -> PartLayout:
+    """What a receiver needs to allocate a part's tensors before they arrive as raw buffers."""
+    return [(g, n, tuple(t.shape), str(t.dtype).removeprefix("torch."),
+             t.dim() == 4 and not t.is_contiguous()
+             and t.is_contiguous(memory_format=torch.channels_last))
+            for g in GROUPS for n, t in part[g].items()]
+
+
+def part_tensors(part: StagePart) -> list[Tensor]:
+    """A part's tensors in `part_layout` order."""
+    return [t for g in GROUPS for t in part[g].values()]
+
+
+def empty_part(layout: PartLayout) -> tuple[StagePart, list[Tensor]]:
+    """Receive buffers for a part: (the part, its tensors in layout order)."""
+    part: StagePart = {g: {} for g in GROUPS}
+    order = []
+    for g, n, shape, dtype, channels_last in layout:
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        t = torch.empty(shape, dtype=getattr(torch, dtype), memory_format=fmt)
+        part[g][n] = t
+        order.append(t)
+    return part, order
+
+
+def set_momentum(stage: TorchStage, momentum: dict[str, Tensor]) -> None:
+    """Set a stage's SGD momentum from a dictionary by parameter name (--resume)."""
     with torch.no_grad():
-        for n, p in zip(part.param_names, part.params, strict=True):
-            p.copy_(torch.as_tensor(model_state[n]))
-        for n, b in zip(part.buffer_names, part.buffers, strict=True):
-            b.copy_(torch.as_tensor(model_state[n]))
-        for n, m in zip(part.param_names, stage.momentum(), strict=True):
+        for n, m in zip(stage.part.param_names, stage.momentum(), strict=True):
             if n in momentum:
                 m.copy_(torch.as_tensor(momentum[n]))
 
@@ -65,8 +83,8 @@ def assemble(config: dict[str, Any], parts: list[StagePart], cfg: OptimOptions,
     """{"model", "optimizer", "scheduler"} of the full model after `iteration` global steps,
     shaped exactly as a single-process trainer's state dicts."""
     keys, pnames = model_layout(config)
-    tensors: dict[str, np.ndarray] = {}
-    momentum: dict[str, np.ndarray] = {}
+    tensors: dict[str, Tensor] = {}
+    momentum: dict[str, Tensor] = {}
     for p in parts:
         tensors.update(p["params"])
         tensors.update(p["buffers"])
@@ -74,7 +92,7 @@ def assemble(config: dict[str, Any], parts: list[StagePart], cfg: OptimOptions,
     missing = [k for k in keys if k not in tensors]
     if missing:
         raise RuntimeError(f"stages do not cover the model: {missing[:3]} missing")
-    model = OrderedDict((k, torch.from_numpy(tensors[k])) for k in keys)
+    model = OrderedDict((k, tensors[k]) for k in keys)
     dummy = [torch.zeros(1) for _ in pnames]
     opt = make_optimizer(dummy, cfg)
     sched = make_scheduler(opt, total_steps)
@@ -85,7 +103,7 @@ def assemble(config: dict[str, Any], parts: list[StagePart], cfg: OptimOptions,
     state["_last_lr"] = [lr]
     opt_state = opt.state_dict()
     opt_state["param_groups"][0]["lr"] = lr
-    opt_state["state"] = {i: {"momentum_buffer": torch.from_numpy(momentum[n])}
+    opt_state["state"] = {i: {"momentum_buffer": momentum[n]}
                           for i, n in enumerate(pnames) if n in momentum}
     return {"model": model, "optimizer": opt_state, "scheduler": state}
 

@@ -97,6 +97,7 @@ def test_six_ranks_three_two_one_every_minibatch_once_and_replicas_agree(
           f"{rep['scheduler_ms_per_minibatch']:.3f} ms per mini-batch")
     for r in rows:
         assert r["bytes_sent"] > 0 or r["stage"] == 0 and r["iterations"] == 0
-        assert r["peak_rss_bytes"] > 0 and r["wait_s"] >= 0 and r["busy_s"] > 0
+        assert r["peak_rss_bytes"] >= r["rss_before_stage_bytes"] > 0
+        assert r["wait_s"] >= 0 and r["busy_s"] > 0
     assert (out / "dhp_ranks.csv").exists()
     assert np.isfinite(rep["throughput_per_s"])
