@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import argparse
 import os
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from hpcsrl.errors import UserError
 
+T = TypeVar("T")
 METHOD_NAMES = ("lite-srl", "simsiam", "byol", "simclr", "moco-v2", "dual-simclr")
 BACKBONE_NAMES = ("resnet18", "resnet34", "resnet50")
 # = hpcsrl.augment.views.AUGMENT_PRESETS (spelled out so --help stays torch-free; a test checks)
@@ -157,24 +159,36 @@ def parse_method_options(method: str, items: list[str]) -> dict[str, Any]:
     return out
 
 
-def run(args: argparse.Namespace) -> int:
+def start_training(args: argparse.Namespace, check: Callable[[argparse.Namespace], T]
+                   ) -> tuple[T, Any] | None:
+    """What every training command does first, alone or under a launcher: check the options
+    (every rank finds the same mistake; rank 0 raises it, the others get None and exit 2), set
+    the compute threads, and start the distribution (Horovod when several ranks run)."""
     from hpcsrl.log import launcher_rank
 
     try:
-        options, decay = check_arguments(args)
+        checked = check(args)
     except UserError:
         if launcher_rank() != 0:
-            return 2  # every rank finds the same mistake: rank 0 alone says it
+            return None
         raise
     import torch
 
     from hpcsrl.parallel.horovod import make_distribution
+
+    torch.set_num_threads(args.threads if args.threads is not None else default_threads())
+    return checked, make_distribution(sync_bn=args.sync_bn, fp16_allreduce=args.fp16_allreduce)
+
+
+def run(args: argparse.Namespace) -> int:
+    started = start_training(args, check_arguments)
+    if started is None:
+        return 2
+    (options, decay), dist = started
     from hpcsrl.train.distribution import RankStopped, everywhere
     from hpcsrl.train.lock import RunLock
     from hpcsrl.train.loop import PretrainConfig, Pretrainer
 
-    torch.set_num_threads(args.threads if args.threads is not None else default_threads())
-    dist = make_distribution(sync_bn=args.sync_bn, fp16_allreduce=args.fp16_allreduce)
     if args.stem != "imagenet":  # a backbone option: build_method records it in the config
         options["stem"] = args.stem
     cfg = PretrainConfig(method=args.method, backbone=args.backbone, bands=args.bands,

@@ -10,9 +10,9 @@ from hpcsrl.cli.pretrain import (
     BACKBONE_NAMES,
     add_parallel_arguments,
     add_split_arguments,
-    default_threads,
     parse_decay_epochs,
     split_options,
+    start_training,
 )
 from hpcsrl.errors import UserError
 
@@ -85,22 +85,13 @@ def open_data(args: argparse.Namespace, write_split: bool):
 
 
 def run(args: argparse.Namespace) -> int:
-    from hpcsrl.log import launcher_rank
-
-    try:
-        decay = check_arguments(args)
-    except UserError:
-        if launcher_rank() != 0:
-            return 2  # every rank finds the same mistake: rank 0 alone says it
-        raise
-    import torch
-
-    from hpcsrl.parallel.horovod import make_distribution
+    started = start_training(args, check_arguments)
+    if started is None:
+        return 2  # every rank finds the same mistake: rank 0 alone says it
+    decay, dist = started
     from hpcsrl.train.classify import ClassifyConfig, ClassTrainer
     from hpcsrl.train.distribution import RankStopped, everywhere
 
-    torch.set_num_threads(args.threads if args.threads is not None else default_threads())
-    dist = make_distribution(sync_bn=args.sync_bn, fp16_allreduce=args.fp16_allreduce)
     cfg = ClassifyConfig(backbone=args.backbone, bands=args.bands, epochs=args.epochs,
                          batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
                          momentum=args.momentum,
