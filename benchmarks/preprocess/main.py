@@ -84,10 +84,18 @@ def paper_sized_counts(args: argparse.Namespace) -> list[int]:
     return counts
 
 
+def remove_outputs(work: Path) -> None:
+    """Delete every run's output, so each timed run (and write probe) starts with the same page
+    cache: no earlier run's gigabytes still dirty or being written back meanwhile."""
+    for path in work.glob("np*.h5.shards"):
+        shutil.rmtree(path, ignore_errors=True)
+    for path in work.glob("np*.h5"):
+        path.unlink(missing_ok=True)
+
+
 def time_run(n: int, scenes: Path, out: Path, args: argparse.Namespace) -> dict:
     """One fresh `mpirun -np n hpcsrl-preprocess` (no shard reuse); seconds from the file."""
-    shutil.rmtree(out.with_name(out.name + ".shards"), ignore_errors=True)
-    out.unlink(missing_ok=True)
+    remove_outputs(out.parent)
     env = dict(os.environ, OMP_NUM_THREADS="1", OMPI_ALLOW_RUN_AS_ROOT="1",
                OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
     cmd = ["mpirun", "--oversubscribe", "--bind-to", "none", "--map-by", "slot", "-np", str(n),
@@ -254,8 +262,9 @@ def main(argv: list[str] | None = None) -> int:
             run = time_run(n, scenes, args.work / f"np{n}.h5", args)
             run["capacity"] = capacity
             pair.append(run)
-        # right after the pair: the same bytes by one writer and by two (outputs kept meanwhile,
-        # so the page cache is as full as during the runs)
+        # right after the pair, from the same clean page cache: the same bytes by one writer and
+        # by two
+        remove_outputs(args.work)
         writes = write_seconds(args.work, pair[0]["bytes"])
         for n, run in zip(rank_counts, pair, strict=True):
             run["writes"] = writes
