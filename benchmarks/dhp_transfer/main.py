@@ -6,7 +6,9 @@
 For each size, `repeats` rounds alternate the two methods (so load drifts hit both alike); each
 round times `iters` round trips. Raw: blocking `Send`/`Recv` of numpy buffers. Runtime: the
 pipeline's `Transport.send/recv` of torch tensors into preallocated cut buffers, completed by
-its polling `Waiter` (Test with back-off), exactly as stages exchange activations and gradients.
+its polling `Waiter` (Test with back-off, spinning only while a transfer is under way), with the
+environment and wait bound `hpcsrl dhp` gives its ranks, exactly as stages exchange activations
+(rank 0 -> 1) and gradients (1 -> 0).
 Throughput = bytes / half the round-trip time; ratio = runtime / raw (median over rounds).
 Writes results/dhp_transfer.csv and .png (rank 0).
 """
@@ -15,16 +17,24 @@ from __future__ import annotations
 
 import argparse
 import csv
+import os
 import statistics
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
-from mpi4py import MPI
+from hpcsrl.cli.dhp import MPI_DEFAULTS
 
-from hpcsrl.pipeline.cuts import TensorSpec
-from hpcsrl.pipeline.transport import ACTIVATION, GRADIENT, Transport, Waiter
+for _key, _value in MPI_DEFAULTS.items():  # the environment `hpcsrl dhp` gives its ranks
+    os.environ.setdefault(_key, _value)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from mpi4py import MPI  # noqa: E402
+
+from hpcsrl.pipeline import transport  # noqa: E402
+from hpcsrl.pipeline.coordinator import RANK_POLL_MAX_S  # noqa: E402
+from hpcsrl.pipeline.cuts import TensorSpec  # noqa: E402
+from hpcsrl.pipeline.transport import ACTIVATION, GRADIENT, Transport, Waiter  # noqa: E402
 
 SIZES = [4 << 10, 16 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20, 64 << 20]
 
@@ -70,12 +80,18 @@ def main() -> None:
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
     p.add_argument("--max-bytes", type=int, default=SIZES[-1],
                    help="largest message (a quick check of the script: e.g. 262144)")
+    p.add_argument("--no-spin", action="store_true",
+                   help="ablation: waits never poll without sleeping (transfers under way sleep "
+                   "with the back-off too); writes dhp_transfer_nospin.csv/.png")
     args = p.parse_args()
+    if args.no_spin:
+        transport.SPIN_RATE = float("inf")  # expected transfer time 0: no spin window
     comm = MPI.COMM_WORLD
     if comm.Get_size() != 2:
         raise SystemExit("run with mpirun -np 2")
     torch.set_num_threads(1)
-    tr, waiter = Transport(comm.Dup()), Waiter("poll")
+    tr = Transport(comm.Dup())
+    waiter = Waiter("poll", max_sleep_s=RANK_POLL_MAX_S)  # as run.py sets up a rank's waits
     rows = []
     for nbytes in (s for s in SIZES if s <= args.max_bytes):
         n = nbytes // 4
@@ -98,7 +114,8 @@ def main() -> None:
         return
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    with (out / "dhp_transfer.csv").open("w", newline="") as f:
+    name = "dhp_transfer_nospin" if args.no_spin else "dhp_transfer"
+    with (out / f"{name}.csv").open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         for r in rows:
@@ -126,7 +143,7 @@ def main() -> None:
     b.set_ylabel("runtime / raw throughput")
     b.legend()
     fig.tight_layout()
-    fig.savefig(out / "dhp_transfer.png", dpi=120)
+    fig.savefig(out / f"{name}.png", dpi=120)
 
 
 if __name__ == "__main__":

@@ -70,7 +70,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 # that each need a Test() from both sides: under the runtime's polled waits a stage's 10.8 MB
 # state took 2.9 s to aggregate, 0.011 s with the binomial algorithm (benchmarks/dhp/common.py).
 # Set before mpi4py initialises MPI; a value the user exported wins.
-MPI_DEFAULTS = {"OMPI_MCA_coll_libnbc_ireduce_algorithm": "2"}
+# THP_MEM_ALLOC_ENABLE: torch's CPU allocator backs tensors of 2 MB and more with transparent
+# huge pages (this kernel's THP mode is `madvise`; numpy advises its own large arrays). A 64 MB
+# activation then crosses shared memory at ~6 GB/s instead of ~3.8 GB/s (fewer pages for the
+# single-copy transfer to pin; benchmarks/dhp_transfer). Read at torch's first allocation, so
+# it is set before torch is imported.
+MPI_DEFAULTS = {"OMPI_MCA_coll_libnbc_ireduce_algorithm": "2", "THP_MEM_ALLOC_ENABLE": "1"}
 
 
 def run(args: argparse.Namespace) -> int:
