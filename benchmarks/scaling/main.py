@@ -36,7 +36,8 @@ CORES = os.cpu_count() or 1
 log = get_logger("hpcsrl.bench")
 COLUMNS = ("group", "mode", "scaling", "ranks", "oversubscribed", "micro_batch",
            "batches_per_allreduce", "global_batch", "cycle_time_ms", "yield_when_idle",
-           "fp16_allreduce", "allreduce_groups", "step_s", "compute_s", "optimizer_step_s",
+           "fp16_allreduce", "allreduce_groups", "independent", "step_s", "compute_s",
+           "optimizer_step_s",
            "images_per_s", "epoch_images", "time_per_epoch_s", "speedup", "efficiency",
            "efficiency_per_core", "gradient_MB", "allreduce_horovod_s", "allreduce_mpi_s",
            "allreduce_ring_model_s", "bandwidth_GBps", "bytes_sent_per_rank_per_step",
@@ -87,10 +88,12 @@ def runs(args: argparse.Namespace) -> list[dict]:
 
     def add(group: str, mode: str, scaling: str, ranks: int, micro: int, bpa: int = 1,
             cycle: str = DEFAULT_CYCLE_TIME_MS, fp16: bool = False,
-            bytes_: bool = False, yield_: bool = False, groups: int | None = None) -> None:
+            bytes_: bool = False, yield_: bool = False, groups: int | None = None,
+            independent: bool = False) -> None:
         out.append(dict(group=group, mode=mode, scaling=scaling, ranks=ranks, micro_batch=micro,
                         batches_per_allreduce=bpa, cycle_time_ms=cycle, fp16_allreduce=fp16,
-                        measure_bytes=bytes_, yield_when_idle=yield_, allreduce_groups=groups))
+                        measure_bytes=bytes_, yield_when_idle=yield_, allreduce_groups=groups,
+                        independent=independent))
 
     for k in (1, 2) if args.quick else (1, 2, 4):
         add("weak", "synthetic", "weak", k, m, bytes_=k > 1)
@@ -106,6 +109,8 @@ def runs(args: argparse.Namespace) -> list[dict]:
     add("weak-yield", "synthetic", "weak", 2, m, yield_=True)
     add("weak-2-passes-yield", "synthetic", "weak", 1, m, bpa=2, yield_=True)
     add("weak-2-passes-yield", "synthetic", "weak", 2, m, bpa=2, yield_=True)
+    for k in (1, 2):  # control: K processes training alone (what the machine gives at the time)
+        add("weak-independent", "synthetic", "weak", k, m, independent=True)
     for k in (1, 2):
         add("weak-grouped", "synthetic", "weak", k, m, groups=1)
         add("weak-grouped-cycle5", "synthetic", "weak", k, m, groups=1, cycle="5")
@@ -163,6 +168,8 @@ def launch(run: dict, args: argparse.Namespace, data: Path, steps: int, warmup: 
         cmd += ["--data", str(data)]
     if run["fp16_allreduce"]:
         cmd.append("--fp16-allreduce")
+    if run.get("independent"):
+        cmd.append("--independent")
     if run.get("allreduce_groups"):
         cmd += ["--groups", str(run["allreduce_groups"])]
     env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
@@ -184,11 +191,12 @@ def measure(run: dict, args: argparse.Namespace, data: Path) -> dict:
     if run["measure_bytes"]:
         with tempfile.TemporaryDirectory(prefix="hpcsrl-scaling-") as tmp:
             short = launch(run, args, data, 1, 0, Path(tmp))
-        per_step_bytes = (res["sent_bytes"] - short["sent_bytes"]) / (args.steps + args.warmup - 1)
+        per_step_bytes = (res["sent_bytes"] - short["sent_bytes"]) / (
+            res["optimizer_steps"] - short["optimizer_steps"])
     step_s = res["step_s"]
     row = {**{k: run[k] for k in ("group", "mode", "scaling", "ranks", "micro_batch",
                                   "batches_per_allreduce", "cycle_time_ms", "fp16_allreduce",
-                                  "yield_when_idle", "allreduce_groups")},
+                                  "yield_when_idle", "allreduce_groups", "independent")},
            "oversubscribed": run["ranks"] > CORES, "global_batch": res["global_batch"],
            "step_s": step_s, "images_per_s": res["images_per_s"],
            "compute_s": res.get("compute_s"), "optimizer_step_s": res.get("optimizer_step_s"),
@@ -214,7 +222,8 @@ def _typed(row: dict) -> dict:
         if v == "":
             out[k] = None
         elif k in ("group", "mode", "scaling", "cycle_time_ms", "fp16_allreduce",
-                   "oversubscribed", "yield_when_idle", "parallelism", "plan_stages",
+                   "oversubscribed", "yield_when_idle", "independent", "parallelism",
+                   "plan_stages",
                    "accuracy_metric"):
             out[k] = v
         else:

@@ -59,6 +59,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--method", default="lite-srl")
     p.add_argument("--backbone", default="resnet18")
     p.add_argument("--fp16-allreduce", action="store_true")
+    p.add_argument("--independent", action="store_true",
+                   help="control: every rank trains its own model alone (no Horovod, no "
+                   "allreduce), to see what the machine gives K processes at that moment")
     p.add_argument("--groups", type=int, default=None,
                    help="Horovod allreduce groups (1: one grouped allreduce after backward)")
     p.add_argument("--out", required=True)
@@ -100,8 +103,11 @@ def main() -> None:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     comm = MPI.COMM_WORLD
     k = comm.Get_size()
+    if args.independent and args.mode != "synthetic":
+        sys.exit("worker.py: --independent needs --mode synthetic")
+    parallel = k > 1 and not args.independent
     dist = HorovodDistribution(fp16_allreduce=args.fp16_allreduce, groups=args.groups) \
-        if k > 1 else SingleProcess()
+        if parallel else SingleProcess()
     per_step = args.micro_batch * args.batches_per_allreduce
     batch = per_step * k
     if args.mode == "synthetic":
@@ -131,11 +137,15 @@ def main() -> None:
                 trainer.step(x_a, x_b)
 
         step_s = timed(steps, 1) / args.steps  # no barrier between steps, as in training
+        optimizer_steps = args.warmup + args.steps
         if args.batches_per_allreduce == 1:
             result.update(breakdown(trainer, x_a, x_b, args.steps, comm))
+            optimizer_steps += args.steps
+        result["optimizer_steps"] = optimizer_steps
     else:
         _, images, seconds, _ = trainer.train_epoch(0)
         step_s = seconds / trainer.steps_per_epoch
+        result["optimizer_steps"] = trainer.steps_per_epoch
         result["epoch_images"] = images
     step_s = comm.allreduce(step_s, op=MPI.MAX)
     result.update(step_s=step_s, images_per_s=batch / step_s)
@@ -144,7 +154,7 @@ def main() -> None:
     n_elem = sum(p.numel() for p in grads)
     s_bytes = 4 * n_elem
     result.update(parameters=n_elem, gradient_bytes=s_bytes)
-    if k > 1:
+    if parallel:
         import horovod.torch as hvd
 
         buf = torch.ones(n_elem)
