@@ -202,7 +202,6 @@ def test_check_emulated_run_describes_every_rank(tmp_path: Path) -> None:
     (3, {}, "needs 4 ranks"),
     (4, {"epochs": 1}, "--iterations N"),
     (4, {"resume": True}, "no --resume"),
-    (4, {"chains": "fixed"}, "same replica count"),
     (4, {"slowdown": {4: 2.0}}, "ranks are 0..3"),
     (4, {"time_scale": 0.0}, "--time-scale"),
 ])

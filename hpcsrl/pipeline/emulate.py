@@ -224,9 +224,6 @@ def check_emulated_run(o: Any, size: int) -> dict[str, Any]:
         raise UserError(f"--plan {o.plan} needs {sum(replicas)} ranks "
                         f"({'/'.join(map(str, replicas))} replicas per stage) but this run has "
                         f"{size}: start it with mpirun -np {sum(replicas)}")
-    if o.chains == "fixed" and len(set(replicas)) != 1:
-        raise UserError(f"--chains fixed needs the same replica count on every stage, --plan "
-                        f"{o.plan} has {'/'.join(map(str, replicas))}: use --chains dynamic")
     bad = sorted(r for r in o.slowdown if not 0 <= r < size)
     if bad:
         raise UserError(f"--slowdown names rank {bad[0]}, but ranks are 0..{size - 1}")
