@@ -124,7 +124,7 @@ FIELDS = ["kind", "scene_set", "scenes", "patches", "strategy", "ranks", "max_lo
           "repeat", "seconds", "wall", "all_seconds", "patches_per_s", "paired_ratios",
           "speedup_median", "speedup_min", "speedup_max", "cpu_max_rank", "cpu_sum",
           "cpu_speedup_median", "loadavg_1m", "cpu_capacity_2proc", "output_bytes",
-          "write_s_1proc", "write_s_2proc", "speedup_ceiling"]
+          "write_s_1proc", "write_s_2proc"]
 BUSY = ("import time\nc = time.process_time()\nwhile time.process_time() - c < {cpu}: pass\n")
 WRITE = ("import os, sys\nbuf = os.urandom(1 << 20)\nfd = os.open(sys.argv[1], os.O_WRONLY | "
          "os.O_CREAT | os.O_TRUNC)\nfor i in range(int(sys.argv[2]) >> 20):\n"
@@ -147,8 +147,8 @@ def cpu_capacity(cpu: float = 1.0) -> float:
 def write_seconds(folder: Path, nbytes: int) -> tuple[float, float]:
     """Wall seconds for one process to write `nbytes` of new files into `folder` (the output's
     file system, through the page cache as the shards are written), and for two processes to
-    write half each at once. Equal times mean the node's page cache / memory bandwidth takes new
-    data no faster from two writers than from one: that part of a run cannot speed up."""
+    write half each at once: context for a pair's ratio (how fast this node's page cache takes a
+    run's output from one writer and from two, right after the pair)."""
     def wall(parts: int) -> float:
         paths = [folder / f"write-probe-{i}.bin" for i in range(parts)]
         t0 = time.perf_counter()
@@ -162,13 +162,6 @@ def write_seconds(folder: Path, nbytes: int) -> tuple[float, float]:
         os.sync()
         return seconds
     return wall(1), wall(2)
-
-
-def speedup_ceiling(t1: float, write1: float, write2: float) -> float:
-    """The 2-rank speed-up if everything but writing the output split perfectly in two: the
-    1-rank run's time minus its writing, halved, plus the time two writers need for the same
-    bytes (both measured beside the pair)."""
-    return t1 / ((t1 - min(write1, t1)) / 2 + write2)
 
 
 def read_rows(path: Path) -> list[dict]:
@@ -288,7 +281,6 @@ def main(argv: list[str] | None = None) -> int:
         cpu_ratios = [b["cpu_max"] / r["cpu_max"] for b, r in
                       zip(runs[base_n], runs[n], strict=True)]
         med = statistics.median(r["seconds"] for r in runs[n])
-        ceilings = [speedup_ceiling(b["seconds"], *b["writes"]) for b in runs[base_n]]
         rows.append({"kind": "throughput", "scene_set": "generated", "scenes": len(counts),
                      "patches": runs[n][0]["tiled"], "strategy": "split", "ranks": n,
                      "seconds": round(med, 3),
@@ -300,13 +292,10 @@ def main(argv: list[str] | None = None) -> int:
                      "cpu_max_rank": round(statistics.median(r["cpu_max"] for r in runs[n]), 3),
                      "cpu_speedup_median": round(statistics.median(cpu_ratios), 3),
                      "loadavg_1m": " ".join(f"{r['load']:.2f}" for r in runs[n]),
-                     "cpu_capacity_2proc": " ".join(f"{r['capacity']:.2f}" for r in runs[n]),
-                     **({"speedup_ceiling": round(statistics.median(ceilings), 3)}
-                        if ceilings and n != base_n else {})})
+                     "cpu_capacity_2proc": " ".join(f"{r['capacity']:.2f}" for r in runs[n])})
         log.info("%d rank(s) vs %d: paired speedup median %.3f (min %.3f, max %.3f) over %d "
-                 "pairs%s", n, base_n, statistics.median(ratios), min(ratios), max(ratios),
-                 len(ratios), f"; ceiling set by writing the output "
-                 f"{statistics.median(ceilings):.3f}" if ceilings and n != base_n else "")
+                 "pairs", n, base_n, statistics.median(ratios), min(ratios), max(ratios),
+                 len(ratios))
 
     args.results.mkdir(parents=True, exist_ok=True)
     with atomic_path(args.results / "preprocess.csv") as tmp, open(tmp, "w", newline="") as fh:
