@@ -88,7 +88,7 @@ def runs(args: argparse.Namespace) -> list[dict]:
 
     def add(group: str, mode: str, scaling: str, ranks: int, micro: int, bpa: int = 1,
             cycle: str = DEFAULT_CYCLE_TIME_MS, fp16: bool = False,
-            bytes_: bool = False, yield_: bool = False, groups: int | None = None,
+            bytes_: bool = False, yield_: bool = False, groups: int = 0,
             independent: bool = False) -> None:
         out.append(dict(group=group, mode=mode, scaling=scaling, ranks=ranks, micro_batch=micro,
                         batches_per_allreduce=bpa, cycle_time_ms=cycle, fp16_allreduce=fp16,
@@ -170,8 +170,7 @@ def launch(run: dict, args: argparse.Namespace, data: Path, steps: int, warmup: 
         cmd.append("--fp16-allreduce")
     if run.get("independent"):
         cmd.append("--independent")
-    if run.get("allreduce_groups"):
-        cmd += ["--groups", str(run["allreduce_groups"])]
+    cmd += ["--groups", str(run["allreduce_groups"])]
     env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
                OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)

@@ -62,8 +62,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--independent", action="store_true",
                    help="control: every rank trains its own model alone (no Horovod, no "
                    "allreduce), to see what the machine gives K processes at that moment")
-    p.add_argument("--groups", type=int, default=None,
-                   help="Horovod allreduce groups (1: one grouped allreduce after backward)")
+    p.add_argument("--groups", default="auto",
+                   help="Horovod allreduce groups: 0 per tensor, overlapping backward; 1 one "
+                   "grouped allreduce after backward; auto (default) as hpcsrl decides")
     p.add_argument("--out", required=True)
     return p.parse_args()
 
@@ -106,7 +107,8 @@ def main() -> None:
     if args.independent and args.mode != "synthetic":
         sys.exit("worker.py: --independent needs --mode synthetic")
     parallel = k > 1 and not args.independent
-    dist = HorovodDistribution(fp16_allreduce=args.fp16_allreduce, groups=args.groups) \
+    groups = args.groups if args.groups == "auto" else int(args.groups)
+    dist = HorovodDistribution(fp16_allreduce=args.fp16_allreduce, groups=groups) \
         if parallel else SingleProcess()
     per_step = args.micro_batch * args.batches_per_allreduce
     batch = per_step * k
