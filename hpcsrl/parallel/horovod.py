@@ -10,7 +10,7 @@ thread polls every HOROVOD_CYCLE_TIME ms and competes with compute for the cores
 allreduce (`--batches-per-allreduce`) keep that cost small. When a node's ranks use all its cores,
 the gradients go as one grouped allreduce after backward (`groups="auto"`): allreduces
 overlapping backward would run MPI on the cores backward computes on (2 ranks on 2 cores:
-forward + backward 1.50 s instead of 1.17 s, weak-scaling efficiency 0.72 instead of 0.85).
+forward + backward 1.50 s instead of 1.17 s, weak-scaling efficiency 0.72 instead of 0.845).
 """
 
 from __future__ import annotations
