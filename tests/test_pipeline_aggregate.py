@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from hpcsrl.pipeline import aggregate
-from hpcsrl.pipeline.aggregate import Aggregator, flat_view
+from hpcsrl.pipeline.aggregate import Aggregator
+from hpcsrl.pipeline.transport import dense_view
 
 
 class PeerComm:
@@ -49,9 +50,9 @@ def test_weighted_average_in_chunks_over_channels_last_tensors(monkeypatch) -> N
     assert state[0].is_contiguous(memory_format=torch.channels_last)
 
 
-def test_flat_view_shares_memory_and_refuses_strided() -> None:
+def test_dense_view_shares_memory_and_refuses_strided() -> None:
     t = torch.zeros(2, 3, 4, 4).contiguous(memory_format=torch.channels_last)
-    flat_view(t)[0] = 1.0
+    dense_view(t).view(-1)[0] = 1.0
     assert t[0, 0, 0, 0] == 1.0
     with pytest.raises(ValueError, match="dense"):
-        flat_view(torch.zeros(4, 4)[:, ::2])
+        dense_view(torch.zeros(4, 4)[:, ::2])

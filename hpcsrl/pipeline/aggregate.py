@@ -19,19 +19,9 @@ import torch
 from mpi4py import MPI
 from torch import Tensor
 
-from hpcsrl.pipeline.transport import Pending
+from hpcsrl.pipeline.transport import Pending, dense_view
 
 CHUNK = 1 << 20  # float64 elements per reduction (8 MiB)
-
-
-def flat_view(t: Tensor) -> Tensor:
-    """A 1-D view of a dense tensor's memory in storage order (channels-last included)."""
-    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(
-            memory_format=torch.channels_last):
-        t = t.permute(0, 2, 3, 1)
-    if not t.is_contiguous():
-        raise ValueError("only dense tensors can be averaged in place")
-    return t.detach().view(-1)
 
 
 class Aggregator:
@@ -85,7 +75,7 @@ class Aggregator:
 
         with torch.no_grad():
             for t in state:
-                v, start = flat_view(t), 0
+                v, start = dense_view(t, "averaged in place").view(-1), 0
                 while start < v.numel():
                     k = min(v.numel() - start, size - used)
                     piece = v[start:start + k]

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from hpcsrl.pipeline.compute import TorchStage
+from hpcsrl.pipeline.transport import is_channels_last
 from hpcsrl.train.optim import OptimOptions, make_optimizer, make_scheduler
 
 StagePart = dict[str, dict[str, Tensor]]
@@ -32,9 +33,7 @@ def stage_part(stage: TorchStage) -> StagePart:
 
 def part_layout(part: StagePart) -> PartLayout:
     """What a receiver needs to allocate a part's tensors before they arrive as raw buffers."""
-    return [(g, n, tuple(t.shape), str(t.dtype).removeprefix("torch."),
-             t.dim() == 4 and not t.is_contiguous()
-             and t.is_contiguous(memory_format=torch.channels_last))
+    return [(g, n, tuple(t.shape), str(t.dtype).removeprefix("torch."), is_channels_last(t))
             for g in GROUPS for n, t in part[g].items()]
 
 

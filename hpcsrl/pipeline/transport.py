@@ -49,14 +49,25 @@ def tag_of(mb: int, kind: int, item: int, tag_ub: int) -> int:
     return ((mb * 2 + kind) * MAX_ITEMS + item) % (tag_ub + 1)
 
 
-def as_buffer(t: Tensor) -> np.ndarray:
-    """A contiguous numpy view of a dense tensor's memory (channels-last included), no copy."""
-    channels_last = t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last)
-    if channels_last and not t.is_contiguous():
+def is_channels_last(t: Tensor) -> bool:
+    """A 4-D tensor laid out channels-last (and not also plainly contiguous)."""
+    return (t.dim() == 4 and not t.is_contiguous()
+            and t.is_contiguous(memory_format=torch.channels_last))
+
+
+def dense_view(t: Tensor, use: str = "sent") -> Tensor:
+    """A detached contiguous view of a dense tensor's memory in storage order (a channels-last
+    tensor permuted to NHWC), no copy; `use` names what needs it in the error."""
+    if is_channels_last(t):
         t = t.permute(0, 2, 3, 1)
     if not t.is_contiguous():
-        raise ValueError("only dense tensors can be sent")
-    return t.detach().numpy()
+        raise ValueError(f"only dense tensors can be {use}")
+    return t.detach()
+
+
+def as_buffer(t: Tensor) -> np.ndarray:
+    """A contiguous numpy view of a dense tensor's memory (channels-last included), no copy."""
+    return dense_view(t).numpy()
 
 
 @dataclass
