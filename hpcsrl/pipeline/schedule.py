@@ -191,16 +191,26 @@ class Scheduler:
                 return None
             self.fixed.take(partner, mb)
             return partner
+        best = self._first_to_finish(stage, now, {}, skip_reserved=True)
+        return None if best is None else best[2]
+
+    def _first_to_finish(self, stage: int, now: float, release: dict[int, float],
+                         skip_reserved: bool = False) -> tuple[float, int, int] | None:
+        """(expected finish, 0 if free else 1, rank) of the stage's replica expected to finish
+        a new mini-batch first: a free one at now + its own compute average, a busy one at its
+        expected release + that. `release[r]` overrides a replica's release (ids promised to it
+        during one dispatch); `skip_reserved` leaves out replicas already holding a reservation."""
         best: tuple[float, int, int] | None = None
         for r in self.layout.ranks_of(stage):
             st = self.ranks[r]
-            if st.phase in ("joining", "aggregating") or st.reserved is not None:
+            if st.phase in ("joining", "aggregating") or (skip_reserved and
+                                                          st.reserved is not None):
                 continue
-            idle = st.phase == "idle"
-            start = now if idle else max(now, st.since + (st.hold or 0.0))
+            idle = st.phase == "idle" and r not in release
+            start = now if idle else max(now, release.get(r, st.since + (st.hold or 0.0)))
             key = (start + (st.busy or 0.0), 0 if idle else 1, r)
             best = key if best is None or key < best else best
-        return None if best is None else best[2]
+        return best
 
     def _dispatch(self, now: float) -> list[Action]:
         out: list[Action] = []
@@ -268,15 +278,7 @@ class Scheduler:
         chosen: list[int] = []
         release: dict[int, float] = {}
         while left > 0 and len(chosen) < len(free):
-            best: tuple[float, int, int] | None = None
-            for r in self.layout.ranks_of(0):
-                st = self.ranks[r]
-                if st.phase in ("joining", "aggregating"):
-                    continue
-                idle = st.phase == "idle" and r not in release
-                start = now if idle else max(now, release.get(r, st.since + (st.hold or 0.0)))
-                key = (start + (st.busy or 0.0), 0 if idle else 1, r)
-                best = key if best is None or key < best else best
+            best = self._first_to_finish(0, now, release)
             if best is None:
                 break
             if best[1] == 0:
