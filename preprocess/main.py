@@ -571,12 +571,9 @@ def keep_heap_memory() -> None:
     memory (up to glibc's 32 MB mmap ceiling) removes it. No-op where glibc is absent.
     """
     import ctypes
-    import ctypes.util
 
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name or "libc.so.6")
-        mallopt = libc.mallopt
+    try:  # the process's own symbols: libc is loaded already (no library search at start-up)
+        mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):
         return
     m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3
