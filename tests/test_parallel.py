@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from hpcsrl.errors import UserError
+from hpcsrl.parallel.gloo_rendezvous import slot_layout
 from hpcsrl.parallel.horovod import launched_ranks
 from hpcsrl.parallel.sync_bn import SyncBatchNorm, convert_sync_bn
 from hpcsrl.schedules import CosineDecay, WarmupDecay, default_decay_epochs, default_warmup_epochs
@@ -119,3 +120,15 @@ def test_everywhere_reports_on_the_writer_and_stops_the_others():
         everywhere(_TwoRanks(0, None), fail)
     with pytest.raises(RankStopped):
         everywhere(_TwoRanks(1, "bad file"), lambda: 7)
+
+
+def test_gloo_slots_follow_horovods_local_and_cross_ranks():
+    """Ranks 0, 2 on host a and 1 on host b: local ranks by order on the host, cross ranks by
+    the order of the hosts holding that local rank (what horovodrun assigns)."""
+    slots = slot_layout(["a", "b", "a"])
+    assert [(s["local_rank"], s["local_size"]) for s in slots] == [(0, 2), (0, 1), (1, 2)]
+    assert [(s["cross_rank"], s["cross_size"]) for s in slots] == [(0, 2), (1, 2), (0, 1)]
+    assert all(s["size"] == 3 for s in slots) and [s["rank"] for s in slots] == [0, 1, 2]
+    one = slot_layout(["vm", "vm"])
+    assert [(s["local_rank"], s["cross_rank"], s["cross_size"]) for s in one] == \
+        [(0, 0, 1), (1, 0, 1)]

@@ -29,6 +29,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from traffic import pml_sent_bytes, socket_tx_bytes
+
 from hpcsrl.data import PatchDataset
 from hpcsrl.log import get_logger
 
@@ -65,16 +67,6 @@ def demo_data(folder: Path, timeout: float) -> Path:
     return data
 
 
-def sent_bytes(prefix: Path) -> list[float]:
-    """Bytes each rank sent (OpenMPI PML monitoring 'E' lines of prefix.R.prof)."""
-    out = []
-    for r in range(RANKS):
-        text = Path(f"{prefix}.{r}.prof").read_text()
-        out.append(float(sum(int(line.split("\t")[3].split()[0]) for line in text.splitlines()
-                             if line.startswith("E\t"))))
-    return out
-
-
 def train(kind: str, a: argparse.Namespace, data: Path, plan: Path, epochs: int,
           work: Path) -> dict:
     """One monitored 2-rank pre-training; (seconds per mini-batch, mini-batches, bytes sent per
@@ -92,10 +84,12 @@ def train(kind: str, a: argparse.Namespace, data: Path, plan: Path, epochs: int,
                "--warmup-epochs", "0", "--no-nesterov", "--threads", "1", "--no-progress"]
     else:
         cmd = ["dhp", "--plan", str(plan), *same, "--aggregate-every", "100000", "--threads", "1"]
+    sockets_before = socket_tx_bytes()
     sh(["mpirun", "--oversubscribe", "--bind-to", "none", "--map-by", "slot", "-np", str(RANKS),
         "-x", "OMP_NUM_THREADS=1", "--mca", "pml_monitoring_enable", "1",
         "--mca", "pml_monitoring_enable_output", "3", "--mca", "pml_monitoring_filename",
         str(mon), sys.executable, str(PEAK_RSS), str(rss), *cmd], a.timeout)
+    sockets = (socket_tx_bytes() - sockets_before) / RANKS  # Horovod's Gloo traffic, per rank
     if kind == "horovod-dp":
         with open(run / "out" / "log.csv") as f:
             rows = list(csv.DictReader(f))
@@ -105,7 +99,8 @@ def train(kind: str, a: argparse.Namespace, data: Path, plan: Path, epochs: int,
     else:
         rep = json.loads((run / "out" / "dhp_report.json").read_text())
         seconds, steps = float(rep["wall_s"]), int(rep["iterations"])
-    return {"step_s": seconds / steps, "steps": steps, "sent": sent_bytes(mon),
+    sent = [b + sockets for b in pml_sent_bytes(mon, RANKS)]
+    return {"step_s": seconds / steps, "steps": steps, "sent": sent,
             "rss": [int(Path(f"{rss}.{r}").read_text()) for r in range(RANKS)],
             "checkpoint": run / "out" / "checkpoint.pt"}
 

@@ -25,10 +25,11 @@ import time
 from pathlib import Path
 
 import numpy as np
+from traffic import pml_sent_bytes, socket_tx_bytes
 
 from hpcsrl.fileio import atomic_path
 from hpcsrl.log import get_logger
-from hpcsrl.parallel.horovod import DEFAULT_CYCLE_TIME_MS
+from hpcsrl.parallel.horovod import DEFAULT_CONTROLLER, DEFAULT_CYCLE_TIME_MS
 
 HERE = Path(__file__).resolve().parent
 WORKER = HERE / "worker.py"
@@ -36,8 +37,8 @@ CORES = os.cpu_count() or 1
 log = get_logger("hpcsrl.bench")
 COLUMNS = ("group", "mode", "scaling", "ranks", "oversubscribed", "micro_batch",
            "batches_per_allreduce", "global_batch", "cycle_time_ms", "yield_when_idle",
-           "fp16_allreduce", "allreduce_groups", "independent", "step_s", "compute_s",
-           "optimizer_step_s",
+           "fp16_allreduce", "allreduce_groups", "independent", "horovod_controller", "step_s",
+           "compute_s", "optimizer_step_s",
            "images_per_s", "epoch_images", "time_per_epoch_s", "speedup", "efficiency",
            "efficiency_per_core", "gradient_MB", "allreduce_horovod_s", "allreduce_mpi_s",
            "allreduce_ring_model_s", "bandwidth_GBps", "bytes_sent_per_rank_per_step",
@@ -89,11 +90,11 @@ def runs(args: argparse.Namespace) -> list[dict]:
     def add(group: str, mode: str, scaling: str, ranks: int, micro: int, bpa: int = 1,
             cycle: str = DEFAULT_CYCLE_TIME_MS, fp16: bool = False,
             bytes_: bool = False, yield_: bool = False, groups: int = 0,
-            independent: bool = False) -> None:
+            independent: bool = False, controller: str = DEFAULT_CONTROLLER) -> None:
         out.append(dict(group=group, mode=mode, scaling=scaling, ranks=ranks, micro_batch=micro,
                         batches_per_allreduce=bpa, cycle_time_ms=cycle, fp16_allreduce=fp16,
                         measure_bytes=bytes_, yield_when_idle=yield_, allreduce_groups=groups,
-                        independent=independent))
+                        independent=independent, horovod_controller=controller))
 
     for k in (1, 2) if args.quick else (1, 2, 4):
         add("weak", "synthetic", "weak", k, m, bytes_=k > 1)
@@ -111,6 +112,8 @@ def runs(args: argparse.Namespace) -> list[dict]:
     add("weak-2-passes-yield", "synthetic", "weak", 2, m, bpa=2, yield_=True)
     for k in (1, 2):  # control: K processes training alone (what the machine gives at the time)
         add("weak-independent", "synthetic", "weak", k, m, independent=True)
+    for k in (1, 2):  # the controller before gloo: its waits spin on the cores compute uses
+        add("weak-mpi-controller", "synthetic", "weak", k, m, bytes_=k > 1, controller="mpi")
     for k in (1, 2):
         add("weak-grouped", "synthetic", "weak", k, m, groups=1)
         add("weak-grouped-cycle5", "synthetic", "weak", k, m, groups=1, cycle="5")
@@ -138,16 +141,6 @@ def make_data(path: Path, n: int = 1024, size: int = 64) -> Path:
     return path
 
 
-def sent_bytes(folder: Path, ranks: int) -> float:
-    """Mean over ranks of the bytes each sent (OpenMPI PML monitoring, 'E' lines)."""
-    total = []
-    for r in range(ranks):
-        text = (folder / f"mon.{r}.prof").read_text()
-        total.append(sum(int(line.split("\t")[3].split()[0]) for line in text.splitlines()
-                         if line.startswith("E\t")))
-    return float(np.mean(total))
-
-
 def launch(run: dict, args: argparse.Namespace, data: Path, steps: int, warmup: int,
            work: Path) -> dict:
     """One mpirun of the worker; returns its JSON (+ bytes sent, when monitored)."""
@@ -155,7 +148,9 @@ def launch(run: dict, args: argparse.Namespace, data: Path, steps: int, warmup: 
     out = work / "result.json"
     mon = work / "mon"
     cmd = ["mpirun", "--oversubscribe", "--bind-to", "none", "--map-by", "slot", "-np", str(k),
-           "-x", f"HOROVOD_CYCLE_TIME={run['cycle_time_ms']}", "-x", "OMP_NUM_THREADS=1"]
+           "-x", f"HOROVOD_CYCLE_TIME={run['cycle_time_ms']}", "-x", "OMP_NUM_THREADS=1",
+           "-x", f"HOROVOD_CONTROLLER={run['horovod_controller']}",
+           "-x", f"HOROVOD_CPU_OPERATIONS={run['horovod_controller']}"]
     if run.get("yield_when_idle"):
         cmd += ["--mca", "mpi_yield_when_idle", "1"]
     if run["measure_bytes"]:
@@ -173,12 +168,14 @@ def launch(run: dict, args: argparse.Namespace, data: Path, steps: int, warmup: 
     cmd += ["--groups", str(run["allreduce_groups"])]
     env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
                OMP_NUM_THREADS="1")
+    sockets_before = socket_tx_bytes()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
+    sockets = socket_tx_bytes() - sockets_before
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stderr[-3000:]}")
     result = json.loads(out.read_text())
     if run["measure_bytes"]:
-        result["sent_bytes"] = sent_bytes(work, k)
+        result["sent_bytes"] = float(np.mean(pml_sent_bytes(mon, k))) + sockets / k
     return result
 
 
@@ -195,7 +192,8 @@ def measure(run: dict, args: argparse.Namespace, data: Path) -> dict:
     step_s = res["step_s"]
     row = {**{k: run[k] for k in ("group", "mode", "scaling", "ranks", "micro_batch",
                                   "batches_per_allreduce", "cycle_time_ms", "fp16_allreduce",
-                                  "yield_when_idle", "allreduce_groups", "independent")},
+                                  "yield_when_idle", "allreduce_groups", "independent",
+                                  "horovod_controller")},
            "oversubscribed": run["ranks"] > CORES, "global_batch": res["global_batch"],
            "step_s": step_s, "images_per_s": res["images_per_s"],
            "compute_s": res.get("compute_s"), "optimizer_step_s": res.get("optimizer_step_s"),

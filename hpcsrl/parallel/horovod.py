@@ -4,13 +4,16 @@ Each rank trains on its shard of every global mini-batch; `hvd.DistributedOptimi
 gradients with ring-allreduce before every step, so all replicas take the same step and stay
 identical. Rank 0 owns the output folder; the others receive its state by broadcast.
 
-Settings that matter on CPU (measured, see benchmarks/scaling/README.md): Horovod's background
-thread polls every HOROVOD_CYCLE_TIME ms and competes with compute for the cores; a longer cycle
+Settings that matter on CPU (measured, see benchmarks/scaling/README.md): Horovod's controller
+and CPU collectives default to Gloo (`DEFAULT_CONTROLLER`, unless HOROVOD_CONTROLLER is set),
+started by `gloo_rendezvous` under mpirun / srun: with the MPI controller, OpenMPI's spinning
+waits in the background thread take the cores backward computes on. The background thread
+polls every HOROVOD_CYCLE_TIME ms and competes with compute for the cores; a longer cycle
 (`DEFAULT_CYCLE_TIME_MS`, used unless the variable is set) and several backward passes per
 allreduce (`--batches-per-allreduce`) keep that cost small. When a node's ranks use all its cores,
-the gradients go as one grouped allreduce after backward (`groups="auto"`): allreduces
-overlapping backward would run MPI on the cores backward computes on (2 ranks on 2 cores:
-forward + backward 1.50 s instead of 1.17 s, weak-scaling efficiency 0.72 instead of 0.845).
+the gradients go as one grouped allreduce after backward (`groups="auto"`): with the MPI
+controller, allreduces overlapping backward ran MPI on the cores backward computes on (2 ranks on
+2 cores: forward + backward 1.50 s instead of 1.17 s).
 """
 
 from __future__ import annotations
@@ -23,11 +26,13 @@ from torch import nn
 
 from hpcsrl.errors import UserError
 from hpcsrl.models.baselines.moco_v2 import KeyQueue
+from hpcsrl.parallel.gloo_rendezvous import ENV_ADDR, start_gloo
 from hpcsrl.parallel.sync_bn import convert_sync_bn
 
 # Launcher variables that give the number of ranks (mpirun, srun job step, horovodrun).
 SIZE_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "HOROVOD_SIZE")
 DEFAULT_CYCLE_TIME_MS = "50"
+DEFAULT_CONTROLLER = "gloo"
 
 
 def launched_ranks() -> int:
@@ -54,6 +59,9 @@ class HorovodDistribution:
         except ImportError as exc:
             raise UserError(f"data-parallel training needs Horovod with PyTorch ({exc}); run "
                             "scripts/install.sh, or start a single process") from None
+        if (hvd.gloo_built() and ENV_ADDR not in os.environ  # not started by horovodrun
+                and os.environ.setdefault("HOROVOD_CONTROLLER", DEFAULT_CONTROLLER) == "gloo"):
+            start_gloo()  # before init: the controller is chosen there
         hvd.init()
         self.hvd = hvd
         self.rank, self.size = hvd.rank(), hvd.size()
@@ -66,7 +74,8 @@ class HorovodDistribution:
     def describe(self) -> dict[str, Any]:
         return {"kind": "horovod", "ranks": self.size, "sync_bn": self.sync_bn,
                 "fp16_allreduce": self.fp16_allreduce, "allreduce_groups": self.groups,
-                "cycle_time_ms": float(os.environ["HOROVOD_CYCLE_TIME"])}
+                "cycle_time_ms": float(os.environ["HOROVOD_CYCLE_TIME"]),
+                "controller": os.environ.get("HOROVOD_CONTROLLER", "mpi")}
 
     def _sum(self, x: torch.Tensor) -> torch.Tensor:
         return self.hvd.allreduce(x, op=self.hvd.Sum)

@@ -10,6 +10,7 @@ one process's statistics over the union.
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -50,6 +51,7 @@ def main() -> None:
     train_steps(trainer, steps, batch_stats=sync_bn)
     torch.save({name: t.detach().clone() for name, t in trainer.model.state_dict().items()},
                out / f"rank-{dist.rank}.pt")
+    (out / f"rank-{dist.rank}.json").write_text(json.dumps(dist.describe()))
     trainer.lock.release()
 
 

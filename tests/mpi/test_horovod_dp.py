@@ -5,6 +5,7 @@ every rank with one line from rank 0."""
 from __future__ import annotations
 
 import csv
+import json
 import os
 import re
 import signal
@@ -64,6 +65,9 @@ def test_two_ranks_equal_one_process_on_the_union(run_mpi, tmp_path: Path, k: in
             timeout=400)
     r0 = torch.load(tmp_path / "rank-0.pt")
     r1 = torch.load(tmp_path / "rank-1.pt")
+    # the default controller: Gloo, started by hpcsrl's rendezvous (equal results prove it spans
+    # both ranks; a rendezvous-less Gloo would run each rank alone)
+    assert json.loads((tmp_path / "rank-0.json").read_text())["controller"] == "gloo"
     for name in r0:
         assert torch.equal(r0[name], r1[name]), name
     ref = _union_reference(tmp_path, steps, ranks=2, batch_stats=sync_bn)
