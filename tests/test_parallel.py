@@ -10,7 +10,7 @@ from torch import nn
 
 from hpcsrl.errors import UserError
 from hpcsrl.parallel.gloo_rendezvous import slot_layout
-from hpcsrl.parallel.horovod import launched_ranks
+from hpcsrl.parallel.horovod import auto_groups, launched_ranks
 from hpcsrl.parallel.sync_bn import SyncBatchNorm, convert_sync_bn
 from hpcsrl.schedules import CosineDecay, WarmupDecay, default_decay_epochs, default_warmup_epochs
 from hpcsrl.train.distribution import RankStopped, SingleProcess, everywhere
@@ -132,3 +132,10 @@ def test_gloo_slots_follow_horovods_local_and_cross_ranks():
     one = slot_layout(["vm", "vm"])
     assert [(s["local_rank"], s["cross_rank"], s["cross_size"]) for s in one] == \
         [(0, 0, 1), (1, 0, 1)]
+
+
+def test_auto_allreduce_mode_groups_only_when_the_cores_are_full():
+    assert auto_groups(local_ranks=2, threads=1, cores=2) == 1   # this machine under mpirun -np 2
+    assert auto_groups(local_ranks=1, threads=2, cores=2) == 1   # one rank, all cores computing
+    assert auto_groups(local_ranks=2, threads=1, cores=4) == 0   # a spare core: overlap backward
+    assert auto_groups(local_ranks=4, threads=1, cores=2) == 1   # oversubscribed

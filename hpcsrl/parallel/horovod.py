@@ -46,6 +46,12 @@ def launched_ranks() -> int:
     return 1
 
 
+def auto_groups(local_ranks: int, threads: int, cores: int) -> int:
+    """`groups="auto"`: 1 (one grouped allreduce after backward) when the node's ranks x compute
+    threads fill its cores, else 0 (per-tensor allreduces overlapping backward on a spare core)."""
+    return 1 if local_ranks * threads >= cores else 0
+
+
 class HorovodDistribution:
     """Data parallelism over every rank of the launcher (Horovod's global process set)."""
 
@@ -98,8 +104,8 @@ class HorovodDistribution:
 
     def no_spare_core(self) -> bool:
         """True when this node's ranks x compute threads fill the cores this rank may use."""
-        cores = len(os.sched_getaffinity(0))
-        return self.hvd.local_size() * torch.get_num_threads() >= cores
+        return auto_groups(self.hvd.local_size(), torch.get_num_threads(),
+                           len(os.sched_getaffinity(0))) == 1
 
     def wrap_optimizer(self, opt: torch.optim.Optimizer, model: nn.Module,
                        backward_passes: int = 1) -> torch.optim.Optimizer:

@@ -7,7 +7,8 @@
 # (environment variables):
 #   HOSTFILE      OpenMPI hostfile (default: slurm/tx2/hostfile; see hostfile.example)
 #   NP            number of ranks (default: the total of the hostfile's slots)
-#   HPCSRL_IFACE  network interface the boards share, e.g. eth0 (default: OpenMPI chooses)
+#   HPCSRL_IFACE  network interface the boards share, e.g. eth0 (default: OpenMPI chooses); also
+#                 Horovod's Gloo interface (HOROVOD_GLOO_IFACE) unless that is set
 #   HPCSRL_BTL    OpenMPI byte transfer layers (default: tcp,self; add vader for shared memory)
 #   HPCSRL_MPIRUN_ARGS  extra mpirun options, e.g. "--prefix /opt/openmpi" or "--oversubscribe"
 #   HPCSRL_VENV, HPCSRL_MODULES  see slurm/env.sh
@@ -35,6 +36,7 @@ args=(--hostfile "$hostfile" -np "$np" --bind-to none --map-by slot
       --mca pml ob1 --mca btl "${HPCSRL_BTL:-tcp,self}")
 if [[ -n ${HPCSRL_IFACE:-} ]]; then
   args+=(--mca btl_tcp_if_include "$HPCSRL_IFACE" --mca oob_tcp_if_include "$HPCSRL_IFACE")
+  export HOROVOD_GLOO_IFACE=${HOROVOD_GLOO_IFACE:-$HPCSRL_IFACE}
 fi
 ((EUID != 0)) || args+=(--allow-run-as-root)
 for var in OMP_NUM_THREADS PATH LD_LIBRARY_PATH VIRTUAL_ENV PYTHONPATH \
