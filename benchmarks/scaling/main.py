@@ -220,8 +220,7 @@ def _typed(row: dict) -> dict:
             out[k] = None
         elif k in ("group", "mode", "scaling", "cycle_time_ms", "fp16_allreduce",
                    "oversubscribed", "yield_when_idle", "independent", "parallelism",
-                   "plan_stages",
-                   "accuracy_metric"):
+                   "plan_stages", "accuracy_metric", "horovod_controller"):
             out[k] = v
         else:
             out[k] = float(v) if "." in v or "e" in v else int(v)
