@@ -89,7 +89,7 @@ def runs(args: argparse.Namespace) -> list[dict]:
 
     def add(group: str, mode: str, scaling: str, ranks: int, micro: int, bpa: int = 1,
             cycle: str = DEFAULT_CYCLE_TIME_MS, fp16: bool = False,
-            bytes_: bool = False, yield_: bool = False, groups: int = 0,
+            bytes_: bool = False, yield_: bool = False, groups: int | str = "auto",
             independent: bool = False, controller: str = DEFAULT_CONTROLLER) -> None:
         out.append(dict(group=group, mode=mode, scaling=scaling, ranks=ranks, micro_batch=micro,
                         batches_per_allreduce=bpa, cycle_time_ms=cycle, fp16_allreduce=fp16,
@@ -112,8 +112,10 @@ def runs(args: argparse.Namespace) -> list[dict]:
     add("weak-2-passes-yield", "synthetic", "weak", 2, m, bpa=2, yield_=True)
     for k in (1, 2):  # control: K processes training alone (what the machine gives at the time)
         add("weak-independent", "synthetic", "weak", k, m, independent=True)
-    for k in (1, 2):  # the controller before gloo: its waits spin on the cores compute uses
-        add("weak-mpi-controller", "synthetic", "weak", k, m, bytes_=k > 1, controller="mpi")
+    for k in (1, 2):  # HOROVOD_CONTROLLER=gloo: blocking waits instead of OpenMPI's spinning
+        add("weak-gloo-controller", "synthetic", "weak", k, m, bytes_=k > 1, controller="gloo")
+    for k in (1, 2):  # Horovod's per-tensor allreduces overlapping backward (auto on spare cores)
+        add("weak-overlapped", "synthetic", "weak", k, m, groups=0)
     for k in (1, 2):
         add("weak-grouped", "synthetic", "weak", k, m, groups=1)
         add("weak-grouped-cycle5", "synthetic", "weak", k, m, groups=1, cycle="5")
@@ -196,6 +198,8 @@ def measure(run: dict, args: argparse.Namespace, data: Path) -> dict:
                                   "horovod_controller")},
            "oversubscribed": run["ranks"] > CORES, "global_batch": res["global_batch"],
            "step_s": step_s, "images_per_s": res["images_per_s"],
+           # what "auto" resolved to on the ranks (1 rank: no allreduce, the request as given)
+           "allreduce_groups": res.get("allreduce_groups", run["allreduce_groups"]),
            "compute_s": res.get("compute_s"), "optimizer_step_s": res.get("optimizer_step_s"),
            "epoch_images": args.epoch_images,
            "time_per_epoch_s": args.epoch_images / res["images_per_s"],
@@ -220,7 +224,8 @@ def _typed(row: dict) -> dict:
             out[k] = None
         elif k in ("group", "mode", "scaling", "cycle_time_ms", "fp16_allreduce",
                    "oversubscribed", "yield_when_idle", "independent", "parallelism",
-                   "plan_stages", "accuracy_metric", "horovod_controller"):
+                   "plan_stages", "accuracy_metric", "horovod_controller",
+                   "allreduce_groups"):
             out[k] = v
         else:
             out[k] = float(v) if "." in v or "e" in v else int(v)

@@ -151,6 +151,8 @@ def main() -> None:
         result["epoch_images"] = images
     step_s = comm.allreduce(step_s, op=MPI.MAX)
     result.update(step_s=step_s, images_per_s=batch / step_s)
+    if parallel:
+        result["allreduce_groups"] = dist.groups  # "auto" resolved by wrap_optimizer
 
     grads = [p for p in trainer.model.parameters() if p.requires_grad]
     n_elem = sum(p.numel() for p in grads)

@@ -1,9 +1,8 @@
 """Start Horovod's Gloo controller under `mpirun` / `srun`, as `horovodrun --gloo` would.
 
-Why Gloo on CPU: with the MPI controller, Horovod's background thread meets the other ranks in
-OpenMPI every cycle and OpenMPI waits by spinning, on the cores backward computes on; Gloo's
-TCP waits block. Measured on 2 idle cores (benchmarks/scaling): weak-scaling efficiency 0.61
-with the MPI controller (compute 0.84 -> 1.12 s per step), see the README for Gloo's figure.
+Why Gloo on CPU (HOROVOD_CONTROLLER=gloo): with the MPI controller, Horovod's background thread
+meets the other ranks in OpenMPI every cycle and OpenMPI waits by spinning, on the cores backward
+computes on; Gloo's TCP waits block. Measured figures: benchmarks/scaling/README.md.
 
 Gloo needs a rendezvous store that `horovodrun` normally provides. Here rank 0 starts Horovod's
 own rendezvous HTTP server; the launcher's MPI (mpi4py) only exchanges the host names and the
@@ -92,6 +91,8 @@ def start_gloo(comm=None) -> None:
     os.environ.update({
         ENV_ADDR: addr, "HOROVOD_GLOO_RENDEZVOUS_PORT": str(port), ENV_IFACE: iface,
         "HOROVOD_CONTROLLER": "gloo", "HOROVOD_CPU_OPERATIONS": "gloo",
+        # Gloo's default 30 s is short for ranks that start torch on a loaded or slow node
+        "HOROVOD_GLOO_TIMEOUT_SECONDS": os.environ.get("HOROVOD_GLOO_TIMEOUT_SECONDS", "300"),
         "HOROVOD_HOSTNAME": str(me["hostname"]),
         **{f"HOROVOD_{k.upper()}": str(me[k]) for k in
            ("rank", "size", "local_rank", "local_size", "cross_rank", "cross_size")}})

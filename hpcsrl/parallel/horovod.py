@@ -5,9 +5,9 @@ gradients with ring-allreduce before every step, so all replicas take the same s
 identical. Rank 0 owns the output folder; the others receive its state by broadcast.
 
 Settings that matter on CPU (measured, see benchmarks/scaling/README.md): Horovod's controller
-and CPU collectives default to Gloo (`DEFAULT_CONTROLLER`, unless HOROVOD_CONTROLLER is set),
-started by `gloo_rendezvous` under mpirun / srun: with the MPI controller, OpenMPI's spinning
-waits in the background thread take the cores backward computes on. The background thread
+is MPI (`DEFAULT_CONTROLLER`); HOROVOD_CONTROLLER=gloo switches controller and CPU collectives to
+Gloo, started by `gloo_rendezvous` under mpirun / srun (Gloo's waits block where OpenMPI's
+spin; measured so far it did not beat the grouped MPI allreduce clearly). The background thread
 polls every HOROVOD_CYCLE_TIME ms and competes with compute for the cores; a longer cycle
 (`DEFAULT_CYCLE_TIME_MS`, used unless the variable is set) and several backward passes per
 allreduce (`--batches-per-allreduce`) keep that cost small. When a node's ranks use all its cores,
@@ -32,7 +32,7 @@ from hpcsrl.parallel.sync_bn import convert_sync_bn
 # Launcher variables that give the number of ranks (mpirun, srun job step, horovodrun).
 SIZE_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "HOROVOD_SIZE")
 DEFAULT_CYCLE_TIME_MS = "50"
-DEFAULT_CONTROLLER = "gloo"
+DEFAULT_CONTROLLER = "mpi"
 
 
 def launched_ranks() -> int:
@@ -65,8 +65,11 @@ class HorovodDistribution:
         except ImportError as exc:
             raise UserError(f"data-parallel training needs Horovod with PyTorch ({exc}); run "
                             "scripts/install.sh, or start a single process") from None
-        if (hvd.gloo_built() and ENV_ADDR not in os.environ  # not started by horovodrun
-                and os.environ.setdefault("HOROVOD_CONTROLLER", DEFAULT_CONTROLLER) == "gloo"):
+        controller = os.environ.setdefault("HOROVOD_CONTROLLER", DEFAULT_CONTROLLER).lower()
+        if controller == "gloo" and ENV_ADDR not in os.environ:  # not started by horovodrun
+            if not hvd.gloo_built():
+                raise UserError("HOROVOD_CONTROLLER=gloo, but this Horovod was built without "
+                                "Gloo: unset it (MPI) or rebuild with HOROVOD_WITH_GLOO=1")
             start_gloo()  # before init: the controller is chosen there
         hvd.init()
         self.hvd = hvd

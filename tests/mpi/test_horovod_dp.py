@@ -62,12 +62,13 @@ def test_two_ranks_equal_one_process_on_the_union(run_mpi, tmp_path: Path, k: in
     steps = 4
     run_mpi(2, [PY, str(HERE / "horovod_steps.py"), str(tmp_path), str(steps),
                 "--batches-per-allreduce", str(k), *(["--sync-bn"] if sync_bn else [])],
-            timeout=400)
+            timeout=400, env={"HOROVOD_CONTROLLER": "gloo"} if (k, sync_bn) == (2, False) else None)
     r0 = torch.load(tmp_path / "rank-0.pt")
     r1 = torch.load(tmp_path / "rank-1.pt")
-    # the default controller: Gloo, started by hpcsrl's rendezvous (equal results prove it spans
-    # both ranks; a rendezvous-less Gloo would run each rank alone)
-    assert json.loads((tmp_path / "rank-0.json").read_text())["controller"] == "gloo"
+    # Gloo (k=2 case) is started by hpcsrl's rendezvous: equal results prove it spans both ranks
+    # (a rendezvous-less Gloo would run each rank alone)
+    controller = "gloo" if (k, sync_bn) == (2, False) else "mpi"
+    assert json.loads((tmp_path / "rank-0.json").read_text())["controller"] == controller
     for name in r0:
         assert torch.equal(r0[name], r1[name]), name
     ref = _union_reference(tmp_path, steps, ranks=2, batch_stats=sync_bn)
