@@ -341,21 +341,49 @@ def evaluate(args: argparse.Namespace, runs: dict[str, dict]) -> list[dict]:
                   probe_weight_decays=parse_list(args.probe_weight_decay, "--probe-weight-decay",
                                                  float, 0.0),
                   probe_epochs=parse_list(args.probe_epochs, "--probe-epochs", int, 1), fit=fit)
-    log(f"evaluating {len(encoders)} encoders (frozen) on split {split.digest()}")
-    rows = run_protocol(data, encoders, EvalSpec(
-        modes=("freeze",), fractions=parse_fractions(args.fractions), **common),
-        Path(args.out) / "eval_freeze", split=split)
+    folder = Path(args.out) / "eval_freeze"
+    rows = finished_report(folder, encoders)
+    if rows is None:
+        log(f"evaluating {len(encoders)} encoders (frozen) on split {split.digest()}")
+        rows = run_protocol(data, encoders, EvalSpec(
+            modes=("freeze",), fractions=parse_fractions(args.fractions), **common),
+            folder, split=split)
     if not args.no_finetune:
-        log(f"fine-tuning {len(final)} encoders")
-        rows += run_protocol(data, final, EvalSpec(
-            modes=("finetune",), fractions=parse_fractions(args.finetune_fractions),
-            knn_floor=False, **common), Path(args.out) / "eval_finetune", split=split)
+        folder = Path(args.out) / "eval_finetune"
+        done = finished_report(folder, final)
+        if done is None:
+            log(f"fine-tuning {len(final)} encoders")
+            done = run_protocol(data, final, EvalSpec(
+                modes=("finetune",), fractions=parse_fractions(args.finetune_fractions),
+                knn_floor=False, **common), folder, split=split)
+        rows += done
     out = []
     for r in rows:
         info = meta.get(r["encoder"], {"method": r["encoder"], "minutes": "", "epoch": ""})
         out.append({**{k: r.get(k) for k in STUDY_COLUMNS}, **info,
                     "encoder": r["encoder"]})
     return out
+
+
+def finished_report(folder: Path, encoders: dict) -> list[dict] | None:
+    """The rows of an evaluation that already finished in `folder` for exactly these encoders
+    (a re-run with the same --out reuses it, as it reuses finished pre-trainings), else None.
+    Any change of the settings must use a new --out: the report does not record them."""
+    path = folder / "report.csv"
+    if not path.is_file():
+        return None
+    with open(path, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    if {r["encoder"] for r in rows} - {"channel-stats"} != set(encoders):
+        return None
+    log(f"reusing the finished evaluation in {folder}")
+    for r in rows:
+        for k, v in r.items():
+            if k in ("n_train", "n_val", "n_test", "candidates") and v:
+                r[k] = int(float(v))
+            elif k not in ("encoder", "mode", "selected") and v not in ("", None):
+                r[k] = float(v)
+    return rows
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:
