@@ -1,7 +1,7 @@
 """Bytes the ranks of a run sent, counted rather than computed.
 
 Two transports carry a data-parallel run's traffic: MPI (start-up, DHP's point-to-point messages,
-Horovod with the MPI controller) and TCP sockets (Horovod's Gloo controller, the default on CPU).
+Horovod with the MPI controller, the default) and TCP sockets (Horovod's Gloo controller).
 OpenMPI's PML monitoring counts every byte handed to an MPI transport, shared memory included;
 the kernel's interface counters count the sockets. A run's total is the sum of both.
 """

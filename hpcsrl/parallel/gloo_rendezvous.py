@@ -20,6 +20,7 @@ from hpcsrl.errors import UserError
 
 ENV_IFACE = "HOROVOD_GLOO_IFACE"
 ENV_ADDR = "HOROVOD_GLOO_RENDEZVOUS_ADDR"
+_SERVERS: list = []  # rank 0's rendezvous server, kept alive until the process exits
 
 
 def slot_layout(hosts: list[str]) -> list[dict[str, int | str]]:
@@ -98,6 +99,3 @@ def start_gloo(comm=None) -> None:
            ("rank", "size", "local_rank", "local_size", "cross_rank", "cross_size")}})
     if server is not None:
         _SERVERS.append(server)  # serves until the process exits (daemon thread)
-
-
-_SERVERS: list = []

@@ -58,7 +58,7 @@ class HorovodDistribution:
     def __init__(self, sync_bn: bool = False, fp16_allreduce: bool = False,
                  groups: int | str = "auto") -> None:
         """`groups`: 0 = Horovod's per-tensor allreduces overlapping backward, N = N grouped
-        allreduces, "auto" = 1 when the node has no core to spare (`no_spare_core`), else 0."""
+        allreduces, "auto" = `auto_groups` of the node's ranks, threads and usable cores."""
         os.environ.setdefault("HOROVOD_CYCLE_TIME", DEFAULT_CYCLE_TIME_MS)
         try:
             import horovod.torch as hvd
@@ -84,7 +84,7 @@ class HorovodDistribution:
         return {"kind": "horovod", "ranks": self.size, "sync_bn": self.sync_bn,
                 "fp16_allreduce": self.fp16_allreduce, "allreduce_groups": self.groups,
                 "cycle_time_ms": float(os.environ["HOROVOD_CYCLE_TIME"]),
-                "controller": os.environ.get("HOROVOD_CONTROLLER", "mpi")}
+                "controller": os.environ["HOROVOD_CONTROLLER"]}
 
     def _sum(self, x: torch.Tensor) -> torch.Tensor:
         return self.hvd.allreduce(x, op=self.hvd.Sum)
@@ -105,16 +105,12 @@ class HorovodDistribution:
                 m.gather = self._gather
         return convert_sync_bn(model, self._sum, self.size) if self.sync_bn else model
 
-    def no_spare_core(self) -> bool:
-        """True when this node's ranks x compute threads fill the cores this rank may use."""
-        return auto_groups(self.hvd.local_size(), torch.get_num_threads(),
-                           len(os.sched_getaffinity(0))) == 1
-
     def wrap_optimizer(self, opt: torch.optim.Optimizer, model: nn.Module,
                        backward_passes: int = 1) -> torch.optim.Optimizer:
         hvd = self.hvd
         if self.groups == "auto":  # decided here: the trainer has set its threads by now
-            self.groups = 1 if self.no_spare_core() else 0
+            self.groups = auto_groups(self.hvd.local_size(), torch.get_num_threads(),
+                                      len(os.sched_getaffinity(0)))
         compression = hvd.Compression.fp16 if self.fp16_allreduce else hvd.Compression.none
         return hvd.DistributedOptimizer(opt, named_parameters=model.named_parameters(),
                                         compression=compression, op=hvd.Average,
