@@ -7,7 +7,8 @@ count), and a rank whose range starts or ends mid-row reads only its own columns
 multiples of P, and P a multiple of 6, so 20 m and 60 m windows start on whole source pixels. Those
 bands are up-sampled to 10 m by `bilinear_upsample` on a native window read with one source pixel
 of margin, which reproduces `gdalwarp -r bilinear` (Float32 output) of the whole band exactly,
-no-data rules included, so there are no seams between patches. (GDAL's own resampled RasterIO
+no-data rules included, so there are no seams between patches; `data_super` stores it rounded to
+uint16 DN, which is gdalwarp's UInt16 output. (GDAL's own resampled RasterIO
 would round to the source integer type: up to 1 DN off.) The cloud / no-data filter runs first, on
 the few rasters it needs; the other bands are read only for runs that keep a patch.
 """
@@ -56,6 +57,7 @@ def _quiet_gdal() -> Iterator[None]:
 STRIP_PATCHES = 16
 CLOUD_CLASSES = (SCL_CLOUD_SHADOW, SCL_CLOUD_MEDIUM, SCL_CLOUD_HIGH, SCL_CIRRUS)
 UNLABELLED = 255
+SUPER_DTYPE = np.dtype(np.uint16)  # data_super: rounded DN, as the native bands (SCHEMA.md)
 
 
 @dataclass(frozen=True)
@@ -74,7 +76,7 @@ class Layout:
             out["data_10m"] = (S2_10M, 10, np.dtype(np.uint16))
             out["data_20m"] = (S2_20M, 20, np.dtype(np.uint16))
             out["data_60m"] = (S2_60M, 60, np.dtype(np.uint16))
-            out["data_super"] = (S2_BANDS, 10, np.dtype(np.float32))
+            out["data_super"] = (S2_BANDS, 10, SUPER_DTYPE)
         elif self.optical == "rgb":
             out["rgb"] = (RGB_BANDS, 10, np.dtype(np.uint8))
         if self.s1_bands:
@@ -193,13 +195,14 @@ def scene_labels(classes: tuple[int, ...], n_classes: int, k: int) -> tuple[np.n
 
 
 def to_stored(raw: np.ndarray, src: BandSource, dtype: np.dtype) -> np.ndarray:
-    """Raw DNs -> stored values: (DN + offset) * scale, rounded and clipped for integer dtypes."""
+    """Raw DNs -> stored values: (DN + offset) * scale, rounded half up (as GDAL rounds) and
+    clipped for integer dtypes."""
     if src.offset == 0 and src.scale == 1 and raw.dtype == dtype:
         return raw
     value = (raw.astype(np.float64) + src.offset) * src.scale
     if np.issubdtype(dtype, np.integer):
         info = np.iinfo(dtype)
-        value = np.clip(np.rint(value), info.min, info.max)
+        value = np.clip(np.floor(value + 0.5), info.min, info.max)
     return value.astype(dtype)
 
 
@@ -450,16 +453,15 @@ class SceneTiler:
                     strip = self._read(b, src, y0, x0, width, res)
                 arr[:, i] = patches(to_stored(strip, src, dtype))
         if layout.optical == "l2a":
-            f32 = np.dtype(np.float32)
             arr = out["data_super"] = np.empty((n, len(S2_BANDS), layout.patch_size,
-                                                layout.patch_size), f32)
+                                                layout.patch_size), SUPER_DTYPE)
             for i, b in enumerate(S2_BANDS):
                 src = scene.s2[b]
                 if src.resolution_m == 10:  # already at 10 m: no resampling
                     a = raw[b] if b in raw else self._read(b, src, y0, x0, width)
                 else:
                     a = up[b] if b in up else self._read_coarse(b, src, y0, x0, width)[1]
-                arr[:, i] = patches(to_stored(a, src, f32))
+                arr[:, i] = patches(to_stored(a, src, SUPER_DTYPE))
         return out
 
     def rows(self, start: int, stop: int) -> Iterator[tuple[int, int, int]]:

@@ -28,7 +28,7 @@ from hpcsrl.errors import UserError
 from hpcsrl.fileio import atomic_path, write_json
 from preprocess.tiling import Layout
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: `data_super` stored as uint16 DN (was float32); readers take both
 # Per-patch float64 sums are floored to multiples of 2**-16 and added as Python ints, so the
 # statistics are exactly the same whatever the rank count (float sums would depend on grouping).
 STATS_SCALE = 1 << 16

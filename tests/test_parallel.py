@@ -10,7 +10,8 @@ from torch import nn
 
 from hpcsrl.errors import UserError
 from hpcsrl.parallel.gloo_rendezvous import slot_layout
-from hpcsrl.parallel.horovod import auto_groups, launched_ranks
+from hpcsrl.parallel.horovod import auto_groups
+from hpcsrl.parallel.select import launched_ranks
 from hpcsrl.parallel.sync_bn import SyncBatchNorm, convert_sync_bn
 from hpcsrl.schedules import CosineDecay, WarmupDecay, default_decay_epochs, default_warmup_epochs
 from hpcsrl.train.distribution import RankStopped, SingleProcess, everywhere

@@ -37,12 +37,14 @@ CORES = os.cpu_count() or 1
 log = get_logger("hpcsrl.bench")
 COLUMNS = ("group", "mode", "scaling", "ranks", "oversubscribed", "micro_batch",
            "batches_per_allreduce", "global_batch", "cycle_time_ms", "yield_when_idle",
-           "fp16_allreduce", "allreduce_groups", "independent", "horovod_controller", "step_s",
+           "fp16_allreduce", "allreduce_groups", "independent", "backend", "horovod_controller",
+           "step_s",
            "compute_s", "optimizer_step_s",
            "images_per_s", "epoch_images", "time_per_epoch_s", "speedup", "efficiency",
            "efficiency_per_core", "gradient_MB", "allreduce_horovod_s", "allreduce_mpi_s",
-           "allreduce_ring_model_s", "bandwidth_GBps", "bytes_sent_per_rank_per_step",
-           "parallelism", "plan_stages", "minibatches", "bytes_sent_per_rank_per_step_max",
+           "allreduce_ring_s", "allreduce_ring_model_s", "bandwidth_GBps",
+           "bytes_sent_per_rank_per_step", "parallelism", "plan_stages", "minibatches",
+           "bytes_sent_per_rank_per_step_max",
            "peak_rss_MB_per_rank", "accuracy", "accuracy_metric", "load_before", "load_after")
 
 
@@ -90,37 +92,45 @@ def runs(args: argparse.Namespace) -> list[dict]:
     def add(group: str, mode: str, scaling: str, ranks: int, micro: int, bpa: int = 1,
             cycle: str = DEFAULT_CYCLE_TIME_MS, fp16: bool = False,
             bytes_: bool = False, yield_: bool = False, groups: int | str = "auto",
-            independent: bool = False, controller: str = DEFAULT_CONTROLLER) -> None:
+            independent: bool = False, controller: str = DEFAULT_CONTROLLER,
+            backend: str = "auto") -> None:
         out.append(dict(group=group, mode=mode, scaling=scaling, ranks=ranks, micro_batch=micro,
                         batches_per_allreduce=bpa, cycle_time_ms=cycle, fp16_allreduce=fp16,
                         measure_bytes=bytes_, yield_when_idle=yield_, allreduce_groups=groups,
-                        independent=independent, horovod_controller=controller))
+                        independent=independent, horovod_controller=controller,
+                        backend=backend))
 
     for k in (1, 2) if args.quick else (1, 2, 4):
         add("weak", "synthetic", "weak", k, m, bytes_=k > 1)
     if args.quick:
         return out
-    add("weak-horovod-defaults", "synthetic", "weak", 1, m, cycle="1")
-    add("weak-horovod-defaults", "synthetic", "weak", 2, m, cycle="1")
-    add("weak-cycle20", "synthetic", "weak", 1, m, cycle="20")
-    add("weak-cycle20", "synthetic", "weak", 2, m, cycle="20")
+    for k in (1, 2):  # Horovod's DistributedOptimizer (what `auto` picks on spare cores)
+        add("weak-horovod", "synthetic", "weak", k, m, bytes_=k > 1, backend="horovod")
+    for k in (1, 2):
+        add("weak-mpi-fp16", "synthetic", "weak", k, m, fp16=k > 1, backend="mpi")
+    add("weak-horovod-defaults", "synthetic", "weak", 1, m, cycle="1", backend="horovod")
+    add("weak-horovod-defaults", "synthetic", "weak", 2, m, cycle="1", backend="horovod")
+    add("weak-cycle20", "synthetic", "weak", 1, m, cycle="20", backend="horovod")
+    add("weak-cycle20", "synthetic", "weak", 2, m, cycle="20", backend="horovod")
     add("weak-2-passes", "synthetic", "weak", 1, m, bpa=2)
     add("weak-2-passes", "synthetic", "weak", 2, m, bpa=2)
-    add("weak-yield", "synthetic", "weak", 1, m, yield_=True)
-    add("weak-yield", "synthetic", "weak", 2, m, yield_=True)
-    add("weak-2-passes-yield", "synthetic", "weak", 1, m, bpa=2, yield_=True)
-    add("weak-2-passes-yield", "synthetic", "weak", 2, m, bpa=2, yield_=True)
+    add("weak-yield", "synthetic", "weak", 1, m, yield_=True, backend="horovod")
+    add("weak-yield", "synthetic", "weak", 2, m, yield_=True, backend="horovod")
+    add("weak-2-passes-yield", "synthetic", "weak", 1, m, bpa=2, yield_=True, backend="horovod")
+    add("weak-2-passes-yield", "synthetic", "weak", 2, m, bpa=2, yield_=True, backend="horovod")
     for k in (1, 2):  # control: K processes training alone (what the machine gives at the time)
         add("weak-independent", "synthetic", "weak", k, m, independent=True)
     for k in (1, 2):  # HOROVOD_CONTROLLER=gloo: blocking waits instead of OpenMPI's spinning
-        add("weak-gloo-controller", "synthetic", "weak", k, m, bytes_=k > 1, controller="gloo")
+        add("weak-gloo-controller", "synthetic", "weak", k, m, bytes_=k > 1, controller="gloo",
+            backend="horovod")
     for k in (1, 2):  # Horovod's per-tensor allreduces overlapping backward (auto on spare cores)
-        add("weak-overlapped", "synthetic", "weak", k, m, groups=0)
+        add("weak-overlapped", "synthetic", "weak", k, m, groups=0, backend="horovod")
     for k in (1, 2):
-        add("weak-grouped", "synthetic", "weak", k, m, groups=1)
-        add("weak-grouped-cycle5", "synthetic", "weak", k, m, groups=1, cycle="5")
-    add("weak-fp16", "synthetic", "weak", 1, m)
-    add("weak-fp16", "synthetic", "weak", 2, m, fp16=True, bytes_=True)
+        add("weak-grouped", "synthetic", "weak", k, m, groups=1, backend="horovod")
+        add("weak-grouped-cycle5", "synthetic", "weak", k, m, groups=1, cycle="5",
+            backend="horovod")
+    add("weak-fp16", "synthetic", "weak", 1, m, backend="horovod")
+    add("weak-fp16", "synthetic", "weak", 2, m, fp16=True, bytes_=True, backend="horovod")
     for k in (1, 2, 4):
         add("strong", "synthetic", "strong", k, 2 * m // k)
     for k in (1, 2):
@@ -167,7 +177,7 @@ def launch(run: dict, args: argparse.Namespace, data: Path, steps: int, warmup: 
         cmd.append("--fp16-allreduce")
     if run.get("independent"):
         cmd.append("--independent")
-    cmd += ["--groups", str(run["allreduce_groups"])]
+    cmd += ["--groups", str(run["allreduce_groups"]), "--backend", run["backend"]]
     env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
                OMP_NUM_THREADS="1")
     sockets_before = socket_tx_bytes()
@@ -196,6 +206,7 @@ def measure(run: dict, args: argparse.Namespace, data: Path) -> dict:
                                   "batches_per_allreduce", "cycle_time_ms", "fp16_allreduce",
                                   "yield_when_idle", "allreduce_groups", "independent",
                                   "horovod_controller")},
+           "backend": res.get("backend", run["backend"]),
            "oversubscribed": run["ranks"] > CORES, "global_batch": res["global_batch"],
            "step_s": step_s, "images_per_s": res["images_per_s"],
            # what "auto" resolved to on the ranks (1 rank: no allreduce, the request as given)
@@ -206,6 +217,7 @@ def measure(run: dict, args: argparse.Namespace, data: Path) -> dict:
            "gradient_MB": res["gradient_bytes"] / 1e6,
            "allreduce_horovod_s": res.get("allreduce_horovod_s"),
            "allreduce_mpi_s": res.get("allreduce_mpi_s"),
+           "allreduce_ring_s": res.get("allreduce_ring_s"),
            "allreduce_ring_model_s": res.get("allreduce_ring_model_s"),
            "bandwidth_GBps": res["bandwidth_Bps"] / 1e9 if "bandwidth_Bps" in res else None,
            "bytes_sent_per_rank_per_step": per_step_bytes,
@@ -224,7 +236,7 @@ def _typed(row: dict) -> dict:
             out[k] = None
         elif k in ("group", "mode", "scaling", "cycle_time_ms", "fp16_allreduce",
                    "oversubscribed", "yield_when_idle", "independent", "parallelism",
-                   "plan_stages", "accuracy_metric", "horovod_controller",
+                   "plan_stages", "accuracy_metric", "horovod_controller", "backend",
                    "allreduce_groups"):
             out[k] = v
         else:
@@ -274,12 +286,13 @@ def plot(rows: list[dict], path: Path) -> None:
     axes[1].set_xticks(range(len(multi)), labels, rotation=60, fontsize=6)
     axes[1].set(ylabel="efficiency (speed-up / ranks)", title="efficiency")
     axes[1].legend(fontsize=7)
-    ar = [r for r in multi if r.get("allreduce_horovod_s") is not None]
+    ar = [r for r in multi if r.get("allreduce_mpi_s") is not None]
     x = np.arange(len(ar))
     for i, (key, name) in enumerate((("allreduce_horovod_s", "Horovod"),
                                      ("allreduce_mpi_s", "MPI_Allreduce"),
+                                     ("allreduce_ring_s", "hpcsrl ring"),
                                      ("allreduce_ring_model_s", "ring model 2(k-1)/k S/B"))):
-        axes[2].bar(x + (i - 1) * 0.27, [r[key] * 1e3 for r in ar], 0.27, label=name)
+        axes[2].bar(x + (i - 1.5) * 0.2, [(r.get(key) or 0) * 1e3 for r in ar], 0.2, label=name)
     axes[2].set_xticks(x, [f"{r['group']}\nk={r['ranks']}" for r in ar], rotation=60, fontsize=6)
     axes[2].set(ylabel="ms per gradient allreduce", title="allreduce: measured vs model")
     axes[2].legend(fontsize=7)

@@ -26,6 +26,9 @@ import torch
 from mpi4py import MPI  # first: MPI initialised once, MPI_THREAD_MULTIPLE, before Horovod
 
 from hpcsrl.parallel.horovod import HorovodDistribution
+from hpcsrl.parallel.mpi_data_parallel import MPIDistribution
+from hpcsrl.parallel.ring import ring_allreduce
+from hpcsrl.parallel.select import BACKENDS, resolve_backend
 from hpcsrl.train.distribution import SingleProcess
 from hpcsrl.train.loop import PretrainConfig, Pretrainer
 
@@ -62,6 +65,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--independent", action="store_true",
                    help="control: every rank trains its own model alone (no Horovod, no "
                    "allreduce), to see what the machine gives K processes at that moment")
+    p.add_argument("--backend", default="auto", choices=BACKENDS,
+                   help="data-parallel backend, as `hpcsrl pretrain --data-parallel`")
     p.add_argument("--groups", default="auto",
                    help="Horovod allreduce groups: 0 per tensor, overlapping backward; 1 one "
                    "grouped allreduce after backward; auto (default) as hpcsrl decides")
@@ -108,8 +113,13 @@ def main() -> None:
         sys.exit("worker.py: --independent needs --mode synthetic")
     parallel = k > 1 and not args.independent
     groups = args.groups if args.groups == "auto" else int(args.groups)
-    dist = HorovodDistribution(fp16_allreduce=args.fp16_allreduce, groups=groups) \
-        if parallel else SingleProcess()
+    backend = resolve_backend(args.backend) if parallel else "single"
+    if backend == "horovod":
+        dist = HorovodDistribution(fp16_allreduce=args.fp16_allreduce, groups=groups)
+    elif backend == "mpi":
+        dist = MPIDistribution(fp16_allreduce=args.fp16_allreduce)
+    else:
+        dist = SingleProcess()
     per_step = args.micro_batch * args.batches_per_allreduce
     batch = per_step * k
     if args.mode == "synthetic":
@@ -125,7 +135,8 @@ def main() -> None:
     out_dir = Path(tempfile.mkdtemp(prefix="hpcsrl-scaling-"))
     trainer = Pretrainer(ds, cfg, out_dir, dist=dist)
     trainer.model.train()
-    result: dict = {"ranks": k, "mode": args.mode, "micro_batch": args.micro_batch,
+    result: dict = {"ranks": k, "mode": args.mode, "backend": backend,
+                    "micro_batch": args.micro_batch,
                     "batches_per_allreduce": args.batches_per_allreduce, "global_batch": batch,
                     "fp16_allreduce": args.fp16_allreduce}
     if args.mode == "synthetic":
@@ -151,7 +162,7 @@ def main() -> None:
         result["epoch_images"] = images
     step_s = comm.allreduce(step_s, op=MPI.MAX)
     result.update(step_s=step_s, images_per_s=batch / step_s)
-    if parallel:
+    if backend == "horovod":
         result["allreduce_groups"] = dist.groups  # "auto" resolved by wrap_optimizer
 
     grads = [p for p in trainer.model.parameters() if p.requires_grad]
@@ -159,14 +170,16 @@ def main() -> None:
     s_bytes = 4 * n_elem
     result.update(parameters=n_elem, gradient_bytes=s_bytes)
     if parallel:
-        import horovod.torch as hvd
+        if backend == "horovod":
+            import horovod.torch as hvd
 
-        buf = torch.ones(n_elem)
-        result["allreduce_horovod_s"] = timed(
-            lambda: hvd.allreduce(buf, op=hvd.Average, name="bench.allreduce"), 5)
+            buf = torch.ones(n_elem)
+            result["allreduce_horovod_s"] = timed(
+                lambda: hvd.allreduce(buf, op=hvd.Average, name="bench.allreduce"), 5)
         flat = np.ones(n_elem, np.float32)
         recv = np.empty_like(flat)
         result["allreduce_mpi_s"] = timed(lambda: comm.Allreduce(flat, recv), 5)
+        result["allreduce_ring_s"] = timed(lambda: ring_allreduce(comm, flat), 5)
         # Ping-pong of S bytes between ranks 0 and 1: B = 2 S / round trip.
         rank = comm.Get_rank()
 

@@ -13,7 +13,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("synth", "generate synthetic Sentinel-1/-2 scenes as georeferenced GeoTIFFs"),
     "pretrain": ("pretrain", "self-supervised pre-training (Lite-SRL or a baseline) on an HDF5"),
     "train": ("train", "supervised multi-label classification (ResNet-50), one process or "
-              "Horovod"),
+              "data parallel"),
     "evaluate": ("evaluate", "freeze / fine-tune evaluation with few labels"),
     "profile": ("profile", "CWB per-unit profile of a model (time, memory, transfer bytes)"),
     "plan": ("plan", "CWB partition plan from a profile and a cluster description"),

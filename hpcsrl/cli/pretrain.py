@@ -1,7 +1,7 @@
 """`hpcsrl pretrain`: self-supervised pre-training of Lite-SRL or a baseline on a patch HDF5.
 
 Started by a launcher with several ranks (`mpirun -np K`, `srun --mpi=pmix -n K`) it trains data
-parallel with Horovod (hpcsrl.parallel.horovod); one process trains as before.
+parallel (hpcsrl.parallel.select: MPI or Horovod); one process trains as before.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from hpcsrl.errors import UserError
+from hpcsrl.parallel.select import BACKENDS
 
 T = TypeVar("T")
 METHOD_NAMES = ("lite-srl", "simsiam", "byol", "simclr", "moco-v2", "dual-simclr")
@@ -92,12 +93,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def add_parallel_arguments(p: argparse.ArgumentParser, schedule: str,
                            nesterov: str = "on with several ranks, off alone") -> None:
-    """The LR recipe and Horovod options shared by `hpcsrl pretrain` and `hpcsrl train`."""
+    """The LR recipe and data-parallel options shared by `hpcsrl pretrain` and `hpcsrl train`."""
     g = p.add_argument_group(
         "learning-rate recipe and data parallelism",
         "Under a launcher with K > 1 ranks (mpirun -np K, srun --mpi=pmix -n K) training is data "
-        "parallel with Horovod: each rank takes batch/K patches of every step, gradients are "
-        "averaged, rank 0 writes. Then, unless set here: linear warm-up from lr/K, Nesterov.")
+        "parallel: each rank takes batch/K patches of every step, gradients are averaged by "
+        "ring-allreduce, rank 0 writes. Then, unless set here: linear warm-up from lr/K, "
+        "Nesterov.")
+    g.add_argument("--data-parallel", default="auto", choices=BACKENDS,
+                   help="who averages the gradients: mpi (the training thread, one flat "
+                   "ring-allreduce after backward), horovod (Horovod's DistributedOptimizer, "
+                   "overlapping backward from its background thread), auto (default: mpi when "
+                   "the node's ranks x threads fill its cores, else horovod)")
     g.add_argument("--schedule", default=schedule, choices=("cosine", "step"),
                    help=f"after the warm-up: cosine decay to 0, or x0.1 at --decay-epochs "
                    f"(default {schedule})")
@@ -163,7 +170,7 @@ def start_training(args: argparse.Namespace, check: Callable[[argparse.Namespace
                    ) -> tuple[T, Any] | None:
     """What every training command does first, alone or under a launcher: check the options
     (every rank finds the same mistake; rank 0 raises it, the others get None and exit 2), set
-    the compute threads, and start the distribution (Horovod when several ranks run)."""
+    the compute threads, and start the distribution (data parallel when several ranks run)."""
     from hpcsrl.log import launcher_rank
 
     try:
@@ -174,10 +181,11 @@ def start_training(args: argparse.Namespace, check: Callable[[argparse.Namespace
         raise
     import torch
 
-    from hpcsrl.parallel.horovod import make_distribution
+    from hpcsrl.parallel.select import make_distribution
 
     torch.set_num_threads(args.threads if args.threads is not None else default_threads())
-    return checked, make_distribution(sync_bn=args.sync_bn, fp16_allreduce=args.fp16_allreduce)
+    return checked, make_distribution(sync_bn=args.sync_bn, fp16_allreduce=args.fp16_allreduce,
+                                      backend=args.data_parallel)
 
 
 def run(args: argparse.Namespace) -> int:

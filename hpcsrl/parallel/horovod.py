@@ -27,29 +27,16 @@ from torch import nn
 from hpcsrl.errors import UserError
 from hpcsrl.models.baselines.moco_v2 import KeyQueue
 from hpcsrl.parallel.gloo_rendezvous import ENV_ADDR, start_gloo
+from hpcsrl.parallel.select import cores_filled
 from hpcsrl.parallel.sync_bn import convert_sync_bn
 
-# Launcher variables that give the number of ranks (mpirun, srun job step, horovodrun).
-SIZE_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "HOROVOD_SIZE")
 DEFAULT_CYCLE_TIME_MS = "50"
 DEFAULT_CONTROLLER = "mpi"
-
-
-def launched_ranks() -> int:
-    """How many ranks the launcher started (1 when run directly), read without initialising MPI."""
-    for var in SIZE_VARS:
-        if os.environ.get(var, "").isdigit():
-            return int(os.environ[var])
-    if "SLURM_STEP_ID" in os.environ and "SLURM_PROCID" in os.environ:  # inside `srun`
-        value = os.environ.get("SLURM_STEP_NUM_TASKS") or os.environ.get("SLURM_NTASKS", "1")
-        return int(value) if value.isdigit() else 1
-    return 1
-
 
 def auto_groups(local_ranks: int, threads: int, cores: int) -> int:
     """`groups="auto"`: 1 (one grouped allreduce after backward) when the node's ranks x compute
     threads fill its cores, else 0 (per-tensor allreduces overlapping backward on a spare core)."""
-    return 1 if local_ranks * threads >= cores else 0
+    return 1 if cores_filled(local_ranks, threads, cores) else 0
 
 
 class HorovodDistribution:
@@ -148,12 +135,3 @@ class HorovodDistribution:
             if text is not None:
                 return rank, str(text)
         return None
-
-
-def make_distribution(sync_bn: bool = False, fp16_allreduce: bool = False):
-    """Horovod when a launcher started several ranks, else the single process (unchanged)."""
-    from hpcsrl.train.distribution import SingleProcess
-
-    if launched_ranks() > 1:
-        return HorovodDistribution(sync_bn=sync_bn, fp16_allreduce=fp16_allreduce)
-    return SingleProcess()

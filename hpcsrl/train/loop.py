@@ -10,7 +10,7 @@ After each epoch the BatchNorm statistics are re-estimated on clean patches (`pr
 the checkpoint's eval-mode encoder fits un-augmented full-size inputs even when the views were
 smaller (`input_size` 32 on 64-px chips trains about 3.5x faster per step on CPU).
 
-Data parallel (`dist` = `hpcsrl.parallel.horovod.HorovodDistribution`): every rank trains on its
+Data parallel (`dist` from `hpcsrl.parallel.select`: MPI or Horovod): every rank trains on its
 shard of each global mini-batch with its own view generator; rank 0 alone holds the folder lock,
 reads the checkpoint on --resume and writes checkpoints and logs, and broadcasts its state.
 """

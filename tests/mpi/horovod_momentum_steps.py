@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: TensorPa
 
 from test_pretrain import TensorPatches  # noqa: E402
 
-from hpcsrl.parallel.horovod import HorovodDistribution  # noqa: E402
+from hpcsrl.parallel.select import make_distribution  # noqa: E402
 from hpcsrl.train.loop import PretrainConfig, Pretrainer  # noqa: E402
 
 GLOBAL_BATCH = 8
@@ -25,8 +25,9 @@ QUEUE = 64
 
 def main() -> None:
     out, method, steps, k = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+    backend = sys.argv[5] if len(sys.argv) > 5 else "horovod"
     torch.set_num_threads(1)
-    dist = HorovodDistribution()
+    dist = make_distribution(backend=backend)
     options = {"queue_size": QUEUE} if method == "moco-v2" else {}
     cfg = PretrainConfig(method=method, bands="rgb", epochs=1, batch_size=GLOBAL_BATCH,
                          input_size=32, monitor_samples=0, progress=False, lr=0.05, precise_bn=0,

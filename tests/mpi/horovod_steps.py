@@ -2,7 +2,7 @@
 BatchNorm, then each rank saves its parameters to OUT/rank-R.pt (test_horovod_dp.py compares them
 with one process trained on the union of the ranks' batches).
 
-    horovod_steps.py OUT STEPS [--batches-per-allreduce N] [--sync-bn]
+    horovod_steps.py OUT STEPS [--batches-per-allreduce N] [--sync-bn] [--backend mpi|horovod]
 
 With --sync-bn BatchNorm stays in training mode and uses statistics over both ranks, which equal
 one process's statistics over the union.
@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: TensorPa
 
 from test_pretrain import TensorPatches  # noqa: E402
 
-from hpcsrl.parallel.horovod import HorovodDistribution  # noqa: E402
+from hpcsrl.parallel.select import make_distribution  # noqa: E402
 from hpcsrl.train.batches import view_generator  # noqa: E402
 from hpcsrl.train.loop import PretrainConfig, Pretrainer  # noqa: E402
 
@@ -42,10 +42,13 @@ def train_steps(trainer: Pretrainer, steps: int, batch_stats: bool = False) -> N
 
 def main() -> None:
     out, steps = Path(sys.argv[1]), int(sys.argv[2])
-    k = int(sys.argv[4]) if len(sys.argv) > 4 else 1
-    sync_bn = "--sync-bn" in sys.argv
+    argv = sys.argv
+    k = int(argv[argv.index("--batches-per-allreduce") + 1]) if "--batches-per-allreduce" in argv \
+        else 1
+    backend = argv[argv.index("--backend") + 1] if "--backend" in argv else "horovod"
+    sync_bn = "--sync-bn" in argv
     torch.set_num_threads(1)
-    dist = HorovodDistribution(sync_bn=sync_bn)
+    dist = make_distribution(sync_bn=sync_bn, backend=backend)
     trainer = Pretrainer(TensorPatches(n=40), PretrainConfig(**EXACT_CFG, batches_per_allreduce=k),
                          out / "run", dist=dist)
     train_steps(trainer, steps, batch_stats=sync_bn)

@@ -1,6 +1,6 @@
-"""Data-parallel pre-training under `mpirun -np 2` (Horovod): exact equality with one process on
-the union of the ranks' batches, kill + --resume equals an uninterrupted run, and bad input stops
-every rank with one line from rank 0."""
+"""Data-parallel pre-training under `mpirun -np 2` (MPI and Horovod backends): exact equality
+with one process on the union of the ranks' batches, kill + --resume equals an uninterrupted run,
+and bad input stops every rank with one line from rank 0."""
 
 from __future__ import annotations
 
@@ -51,24 +51,32 @@ def _union_reference(tmp_path: Path, steps: int, ranks: int, batch_stats: bool =
     return trainer.model.state_dict()
 
 
-@pytest.mark.parametrize("k,sync_bn", [(1, False), (2, False), (1, True)],
-                         ids=["eval-bn", "2-passes", "sync-bn"])
-def test_two_ranks_equal_one_process_on_the_union(run_mpi, tmp_path: Path, k: int,
+@pytest.mark.parametrize("backend,k,sync_bn", [
+    ("horovod", 1, False), ("horovod", 2, False), ("horovod", 1, True), ("mpi", 1, False),
+    ("mpi", 2, False), ("mpi", 1, True)],
+    ids=["horovod-eval-bn", "horovod-gloo-2-passes", "horovod-sync-bn", "mpi-eval-bn",
+         "mpi-2-passes", "mpi-sync-bn"])
+def test_two_ranks_equal_one_process_on_the_union(run_mpi, tmp_path: Path, backend: str, k: int,
                                                    sync_bn: bool) -> None:
     """Parameters and buffers after 4 steps agree to 1e-5 with one process on the union of the
-    ranks' views; both ranks hold identical values. 2-passes: 2 backward passes per allreduce
-    (the same gradient, summed from micro-batches). sync-bn: BatchNorm in training mode with
-    statistics over both ranks = one process's over the union (running statistics included)."""
+    ranks' views; both ranks hold identical values, with either backend. 2-passes: 2 backward
+    passes per allreduce (the same gradient, summed from micro-batches). sync-bn: BatchNorm in
+    training mode with statistics over both ranks = one process's over the union (running
+    statistics included)."""
     steps = 4
+    gloo = (backend, k, sync_bn) == ("horovod", 2, False)
     run_mpi(2, [PY, str(HERE / "horovod_steps.py"), str(tmp_path), str(steps),
-                "--batches-per-allreduce", str(k), *(["--sync-bn"] if sync_bn else [])],
-            timeout=400, env={"HOROVOD_CONTROLLER": "gloo"} if (k, sync_bn) == (2, False) else None)
+                "--batches-per-allreduce", str(k), "--backend", backend,
+                *(["--sync-bn"] if sync_bn else [])],
+            timeout=400, env={"HOROVOD_CONTROLLER": "gloo"} if gloo else None)
     r0 = torch.load(tmp_path / "rank-0.pt")
     r1 = torch.load(tmp_path / "rank-1.pt")
-    # Gloo (k=2 case) is started by hpcsrl's rendezvous: equal results prove it spans both ranks
-    # (a rendezvous-less Gloo would run each rank alone)
-    controller = "gloo" if (k, sync_bn) == (2, False) else "mpi"
-    assert json.loads((tmp_path / "rank-0.json").read_text())["controller"] == controller
+    described = json.loads((tmp_path / "rank-0.json").read_text())
+    assert described["kind"] == backend
+    if backend == "horovod":
+        # Gloo is started by hpcsrl's rendezvous: equal results prove it spans both ranks
+        # (a rendezvous-less Gloo would run each rank alone)
+        assert described["controller"] == ("gloo" if gloo else "mpi")
     for name in r0:
         assert torch.equal(r0[name], r1[name]), name
     ref = _union_reference(tmp_path, steps, ranks=2, batch_stats=sync_bn)
@@ -137,7 +145,8 @@ def test_killed_mid_epoch_and_resumed_equals_uninterrupted(run_mpi, tmp_path: Pa
 
 
 @pytest.mark.slow
-def test_bad_input_stops_every_rank_with_one_line(run_mpi, tmp_path: Path) -> None:
+@pytest.mark.parametrize("backend", ["mpi", "horovod"])
+def test_bad_input_stops_every_rank_with_one_line(run_mpi, tmp_path: Path, backend: str) -> None:
     data = _write_rgb_h5(tmp_path / "d.h5", n=48)
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
@@ -145,7 +154,7 @@ def test_bad_input_stops_every_rank_with_one_line(run_mpi, tmp_path: Path) -> No
     with h5py.File(unlabelled, "a") as f:
         del f["classes"]
     common = ["--epochs", "1", "--batch-size", "8", "--input-size", "32", "--no-progress",
-              "--monitor-samples", "0", "--pretrain-on", "all"]
+              "--monitor-samples", "0", "--pretrain-on", "all", "--data-parallel", backend]
     cases = {
         "ranks": ["pretrain", "--data", str(data), "--limit", "2", "--out",
                   str(tmp_path / "o1"), *common],
@@ -153,7 +162,8 @@ def test_bad_input_stops_every_rank_with_one_line(run_mpi, tmp_path: Path) -> No
                 str(tmp_path / "o2"), *common],
         "out": ["pretrain", "--data", str(data), "--out", str(blocker / "run"), *common],
         "classes": ["train", "--data", str(unlabelled), "--bands", "rgb", "--out",
-                    str(tmp_path / "o4"), "--epochs", "1", "--batch-size", "12"],
+                    str(tmp_path / "o4"), "--epochs", "1", "--batch-size", "12",
+                    "--data-parallel", backend],
     }
     argv = []
     for name, args in cases.items():
