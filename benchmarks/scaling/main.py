@@ -1,11 +1,12 @@
-"""Scaling of data-parallel pre-training (Horovod): strong and weak scaling over 1, 2 and 4 ranks
-(4 oversubscribes a 2-core machine and is marked so), synthetic and real-data modes, one compute
-thread per rank. Per run: time per step and per epoch, images/s, speed-up and efficiency against
-the 1-rank run of the same group, the allreduce of the gradients timed alone (Horovod and raw MPI)
-beside the ring model 2(k-1)/k * S / B with B measured by a ping-pong, and the bytes each rank
-sent per step, counted by OpenMPI's PML monitoring (every byte a rank hands to any transport,
-shared memory included; setup traffic removed by differencing a run with fewer steps).
-Writes results/scaling.csv and results/scaling.png.
+"""Scaling of data-parallel pre-training (MPI and Horovod backends): strong and weak scaling over
+1, 2 and 4 ranks (4 oversubscribes a 2-core machine and is marked so), synthetic and real-data
+modes, one compute thread per rank. Per run: time per step and per epoch, images/s, speed-up and
+efficiency against the 1-rank run of the same group and repeat, the allreduce of the gradients
+timed alone (hpcsrl's ring, MPI_Allreduce and, for Horovod runs, Horovod) beside the ring model
+2(k-1)/k * S / B with B measured by a ping-pong, and the bytes each rank sent per step, counted by
+OpenMPI's PML monitoring (every byte a rank hands to any transport, shared memory included; setup
+traffic removed by differencing a run with fewer steps). Writes results/scaling.csv (one row per
+run), results/scaling_summary.csv (medians over `--repeats`) and results/scaling.png.
 
 Run it alone (other jobs on the cores distort every figure; the load is recorded):
 
@@ -35,7 +36,7 @@ HERE = Path(__file__).resolve().parent
 WORKER = HERE / "worker.py"
 CORES = os.cpu_count() or 1
 log = get_logger("hpcsrl.bench")
-COLUMNS = ("group", "mode", "scaling", "ranks", "oversubscribed", "micro_batch",
+COLUMNS = ("group", "repeat", "mode", "scaling", "ranks", "oversubscribed", "micro_batch",
            "batches_per_allreduce", "global_batch", "cycle_time_ms", "yield_when_idle",
            "fp16_allreduce", "allreduce_groups", "independent", "backend", "horovod_controller",
            "step_s",
@@ -65,6 +66,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="run only these groups (e.g. weak,weak-2-passes) and append their rows "
                    "to an existing scaling.csv under a new timestamped group name")
     p.add_argument("--ranks", default="1,2,4", help="with --only: these rank counts")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="run each group's rank counts back to back this many times (1, 2, 1, "
+                   "2, ...); efficiency is paired within a repeat and summarised by the median "
+                   "of the pairs in scaling_summary.csv (the cores are shared: only a pair run "
+                   "back to back compares like with like)")
     p.add_argument("--timeout", type=float, default=900)
     c = p.add_argument_group("DHP versus data parallel (see dhp_compare.py)")
     c.add_argument("--compare-dhp", action="store_true",
@@ -245,20 +251,50 @@ def _typed(row: dict) -> dict:
 
 
 def add_ratios(rows: list[dict]) -> None:
-    """Speed-up and efficiency against the 1-rank run of the same group."""
-    base = {r["group"]: r["images_per_s"] for r in rows if r["ranks"] == 1}
+    """Speed-up and efficiency against the 1-rank run of the same group and repeat."""
+    base = {(r["group"], r.get("repeat") or 0): r["images_per_s"] for r in rows
+            if r["ranks"] == 1}
     for r in rows:
-        one = base.get(r["group"])
+        one = base.get((r["group"], r.get("repeat") or 0))
         if one:
             r["speedup"] = r["images_per_s"] / one
             r["efficiency"] = r["speedup"] / r["ranks"]
             r["efficiency_per_core"] = r["speedup"] / min(r["ranks"], CORES)
 
 
-def write_csv(rows: list[dict], path: Path) -> None:
+SUMMARY = ("group", "backend", "ranks", "repeats", "images_per_s_median", "efficiency_median",
+           "efficiency_min", "efficiency_max", "compute_s_median", "optimizer_step_s_median",
+           "allreduce_ring_s_median", "allreduce_horovod_s_median")
+
+
+def summarise(rows: list[dict]) -> list[dict]:
+    """Per (group, ranks): medians over the repeats, efficiency as the median of paired ratios."""
+    out = []
+    keys = dict.fromkeys((r["group"], r["ranks"]) for r in rows if not r.get("parallelism"))
+    for group, ranks in keys:
+        sel = [r for r in rows if r["group"] == group and r["ranks"] == ranks]
+
+        def med(key: str, sel=sel) -> float | None:
+            vals = [r[key] for r in sel if r.get(key) is not None]
+            return float(np.median(vals)) if vals else None
+
+        eff = [r["efficiency"] for r in sel if r.get("efficiency") is not None]
+        out.append({"group": group, "backend": sel[0].get("backend"), "ranks": ranks,
+                    "repeats": len(sel), "images_per_s_median": med("images_per_s"),
+                    "efficiency_median": med("efficiency"),
+                    "efficiency_min": min(eff) if eff else None,
+                    "efficiency_max": max(eff) if eff else None,
+                    "compute_s_median": med("compute_s"),
+                    "optimizer_step_s_median": med("optimizer_step_s"),
+                    "allreduce_ring_s_median": med("allreduce_ring_s"),
+                    "allreduce_horovod_s_median": med("allreduce_horovod_s")})
+    return out
+
+
+def write_csv(rows: list[dict], path: Path, columns: tuple[str, ...] = COLUMNS) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         w.writeheader()
         for r in rows:
             w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
@@ -280,11 +316,16 @@ def plot(rows: list[dict], path: Path) -> None:
                 title="throughput", xticks=[1, 2, 4])
     axes[0].legend(fontsize=7)
     multi = [r for r in rows if r["ranks"] > 1 and r.get("efficiency") is not None]
-    labels = [f"{r['group']}\nk={r['ranks']}" for r in multi]
-    axes[1].bar(range(len(multi)), [r["efficiency"] for r in multi], color="tab:blue")
+    summary = [s for s in summarise(rows) if s["ranks"] > 1 and s["efficiency_median"]]
+    labels = [f"{s['group']}\nk={s['ranks']}" for s in summary]
+    mid = np.array([s["efficiency_median"] for s in summary])
+    spread = np.array([[m - s["efficiency_min"] for m, s in zip(mid, summary, strict=True)],
+                       [s["efficiency_max"] - m for m, s in zip(mid, summary, strict=True)]])
+    axes[1].bar(range(len(summary)), mid, yerr=spread, color="tab:blue", capsize=3)
     axes[1].axhline(0.85, color="red", ls="--", label="target 0.85")
-    axes[1].set_xticks(range(len(multi)), labels, rotation=60, fontsize=6)
-    axes[1].set(ylabel="efficiency (speed-up / ranks)", title="efficiency")
+    axes[1].set_xticks(range(len(summary)), labels, rotation=60, fontsize=6)
+    axes[1].set(ylabel="efficiency (speed-up / ranks)",
+                title="efficiency: median of paired repeats (bars: min-max)")
     axes[1].legend(fontsize=7)
     ar = [r for r in multi if r.get("allreduce_mpi_s") is not None]
     x = np.arange(len(ar))
@@ -337,10 +378,13 @@ def main(argv: list[str] | None = None) -> int:
         todo = [dict(r, group=f"{r['group']}@{time.strftime('%H:%M')}") for r in todo
                 if r["group"] in keep and r["ranks"] in ranks]
         rows = read_rows(path)
-    for run in todo:
-        rows.append(measure(run, args, data))
-        add_ratios(rows)
-        write_csv(rows, path)
+    for group in dict.fromkeys(r["group"] for r in todo):
+        for repeat in range(args.repeats):  # 1, 2, 1, 2, ...: each pair back to back
+            for run in (r for r in todo if r["group"] == group):
+                rows.append({**measure(run, args, data), "repeat": repeat})
+                add_ratios(rows)
+                write_csv(rows, path)
+    write_csv(summarise(rows), args.results / "scaling_summary.csv", SUMMARY)
     plot(rows, args.results / "scaling.png")
     log.info("wrote %s and %s", args.results / "scaling.csv", args.results / "scaling.png")
     return 0
