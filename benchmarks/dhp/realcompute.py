@@ -74,6 +74,7 @@ def main() -> int:
             wall = sh(hpcsrl("pretrain", "--data", str(data), "--bands", "s2", "--method",
                              "lite-srl", "--backbone", "resnet18", "--epochs", str(a.epochs),
                              *common, "--precise-bn", "0", "--threads", "1", "--no-progress",
+                             "--pretrain-on", "all",  # what `hpcsrl dhp` reads: same batches
                              "--out", str(out)))
         sh(hpcsrl("evaluate", "--checkpoint", str(out / "checkpoint.pt"), "--data", str(data),
                   "--bands", "s2", "--mode", "freeze", "--label-fractions", "0.1,0.2",

@@ -112,7 +112,7 @@ class MPIDistribution:
                        backward_passes: int = 1) -> torch.optim.Optimizer:
         """The same optimiser, averaging the gradients before each step; the `backward_passes`
         backward calls before it simply accumulate into the buffer."""
-        opt.hpcsrl_gradients = FlatGradients(opt, self.comm, self.fp16_allreduce)  # type: ignore[attr-defined]
+        FlatGradients(opt, self.comm, self.fp16_allreduce)  # kept alive by its step hook
         return opt
 
     def broadcast_state(self, model: nn.Module, opt: torch.optim.Optimizer,

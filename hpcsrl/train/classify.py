@@ -353,7 +353,8 @@ class ClassTrainer:
                           cfg.backbone, len(self.train_idx), self.ds.channels,
                           self.targets.shape[1], len(self.val_idx), len(self.test_idx),
                           cfg.epochs, self.steps_per_epoch, cfg.batch_size,
-                          f" ({self.dist.size} ranks)" if self.dist.size > 1 else "",
+                          f" ({self.dist.size} ranks, {self.dist.describe()['kind']})"
+                          if self.dist.size > 1 else "",
                           cfg.base_lr, cfg.schedule, cfg.warmup_epochs)
             last = cfg.epochs if stop_after is None else min(cfg.epochs, stop_after)
             for epoch in range(self.start_epoch, last):

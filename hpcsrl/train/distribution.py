@@ -34,6 +34,9 @@ class Distribution(Protocol):
     def is_writer(self) -> bool:
         """Whether this rank writes logs, checkpoints and reports (rank 0)."""
 
+    def describe(self) -> dict[str, Any]:
+        """What runs: `kind` (single, mpi, horovod), ranks and the backend's settings."""
+
     def prepare_model(self, model: nn.Module) -> nn.Module:
         """The model as this distribution trains it (e.g. BatchNorm synchronised over ranks);
         parameter and buffer names are unchanged, so checkpoints stay plan-independent."""
@@ -68,6 +71,9 @@ class SingleProcess:
     @property
     def is_writer(self) -> bool:
         return True
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": "single", "ranks": 1}
 
     def prepare_model(self, model: nn.Module) -> nn.Module:
         return model

@@ -503,8 +503,9 @@ class Pretrainer:
                       "iterations, batch %d%s, input %d, lr %g", cfg.method, cfg.backbone,
                       len(self.train_idx), self.ds.channels, self.ds.sensor, cfg.epochs,
                       self.steps_per_epoch, cfg.batch_size,
-                      f" ({self.dist.size} ranks x {cfg.batch_size // self.dist.size})"
-                      if self.dist.size > 1 else "", cfg.input_size, cfg.base_lr)
+                      f" ({self.dist.size} ranks x {cfg.batch_size // self.dist.size}, "
+                      f"{self.dist.describe()['kind']})" if self.dist.size > 1 else "",
+                      cfg.input_size, cfg.base_lr)
         last = cfg.epochs if stop_after is None else min(cfg.epochs, stop_after)
         for epoch in range(self.start_epoch, last):
             loss, images, seconds, lr = self.train_epoch(epoch)

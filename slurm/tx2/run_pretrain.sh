@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Pre-train on a patch HDF5 data parallel (Horovod) over the boards of a hostfile: one rank per
-# slot (use slots=1 so each TX2 keeps its 8 GB for one training process), each trains on
+# Pre-train on a patch HDF5 data parallel (MPI or Horovod) over the boards of a hostfile: one rank
+# per slot (use slots=1 so each TX2 keeps its 8 GB for one training process), each trains on
 # batch/NP patches of every step, rank 0 writes OUT_DIR. HOROVOD_* variables are passed on.
 #
 #   [HOSTFILE=FILE] [NP=N] slurm/tx2/run_pretrain.sh DATA.h5 OUT_DIR [hpcsrl pretrain options]

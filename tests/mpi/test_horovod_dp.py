@@ -230,5 +230,5 @@ def test_one_rank_checkpoint_resumes_under_two_ranks_then_train_inits_from_it(
                           "resnet18", "--epochs", "1", "--batch-size", "8", "--no-progress",
                           "--out", str(tmp_path / "cls"), "--init", str(out / "checkpoint.pt")],
                       timeout=600)
-    assert "(2 ranks)" in trained.stderr and "test F1 micro" in trained.stderr, trained.stderr
+    assert "(2 ranks, mpi)" in trained.stderr and "test F1 micro" in trained.stderr, trained.stderr
     assert (tmp_path / "cls" / "test_f1.csv").is_file()

@@ -242,16 +242,17 @@ def test_horovod_dp_sbatch_pretrains_then_trains_on_two_ranks(submit, tmp_path: 
                  "--monitor-samples", "0", "--precise-bn", "16", "--pretrain-on", "all",
                  timeout=400)
     assert job.result.returncode == 0, job.report()
-    assert "over 2 rank(s)" in job.output and "(2 ranks x 4)" in job.output, job.report()
+    # --cpus-per-task 1 on 2 tasks fills the CPUs: the default backend is the MPI ring
+    assert "over 2 rank(s)" in job.output and "(2 ranks x 4, mpi)" in job.output, job.report()
     assert "pretrain exited with code 0" in job.output, job.report()
     import torch
 
     assert torch.load(tmp_path / "pre" / "checkpoint.pt", weights_only=True)["ranks"] == 2
     job = submit(HOROVOD_SBATCH, "train", str(data), "cls", "--bands", "rgb", "--backbone",
                  "resnet18", "--epochs", "1", "--batch-size", "8", "--no-progress",
-                 "--init", "pre/checkpoint.pt", timeout=400)
+                 "--init", "pre/checkpoint.pt", "--data-parallel", "horovod", timeout=400)
     assert job.result.returncode == 0, job.report()
-    assert "(2 ranks)" in job.output and "test F1 micro" in job.output, job.report()
+    assert "(2 ranks, horovod)" in job.output and "test F1 micro" in job.output, job.report()
     assert (tmp_path / "cls" / "test_f1.csv").is_file(), job.report()
 
 
@@ -268,4 +269,6 @@ def test_scaling_sbatch_measures_one_point(submit, tmp_path: Path) -> None:
     (result,) = (tmp_path / "res").glob("scaling-2x1-*.json")
     point = json.loads(result.read_text())
     assert point["ranks"] == 2 and point["global_batch"] == 8, point
-    assert point["allreduce_horovod_s"] > 0 and point["allreduce_ring_model_s"] > 0, point
+    # 2 tasks x 1 CPU fill their CPUs: the default backend is the MPI ring (the point says so)
+    assert point["backend"] == "mpi", point
+    assert point["allreduce_ring_s"] > 0 and point["allreduce_ring_model_s"] > 0, point
