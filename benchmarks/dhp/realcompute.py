@@ -2,11 +2,12 @@
 ranks, as planned by `hpcsrl plan`), then a frozen-encoder evaluation, against single-process
 `hpcsrl pretrain` on the same mini-batches (same epochs, batch, seed, schedule).
 
-    flock /tmp/hpcsrl-bench.lock python benchmarks/dhp/realcompute.py     # ~20 min
+    flock /tmp/hpcsrl-bench.lock python benchmarks/dhp/realcompute.py --epochs 10 --seeds 0,1,2
+                                                                         # ~12 min idle
 
 The demo data (`make demo`'s synthetic scenes, 12 Sentinel-2 bands, 48-px patches) is made under
 --runs when absent. On two cores the wall time is not the point: the accuracy and the per-rank
-traffic are. Writes results/realcompute.csv (one row per pre-training and label fraction) and
+traffic are. Writes results/realcompute.csv (one row per pre-training, seed and label fraction) and
 realcompute_ranks.csv (the DHP run's per-rank report).
 """
 
@@ -46,6 +47,10 @@ def main() -> int:
     p.add_argument("--input-size", type=int, default=32)
     p.add_argument("--aggregate-every", type=int, default=10)
     p.add_argument("--eval-epochs", type=int, default=30)
+    p.add_argument("--seeds", default="0",
+                   help="pre-training seeds (model init, data order, augmentations), e.g. 0,1,2: "
+                   "each pre-training runs once per seed, so the OA difference between DHP and "
+                   "the single process can be set against the spread between seeds")
     p.add_argument("--out-dir", type=Path, default=RESULTS)
     a = p.parse_args()
     r = a.runs
@@ -60,35 +65,45 @@ def main() -> int:
               "--out", str(plan)))
     replicas = [s["replicas"] for s in json.loads(plan.read_text())["stages"]]
     runs = {}
-    for name in ("dhp", "single"):
-        out = r / name
-        if out.exists():
-            shutil.rmtree(out)
-        before = load1()
-        if name == "dhp":
-            wall = sh(mpirun_cmd(sum(replicas), hpcsrl(
-                "dhp", "--plan", str(plan), "--data", str(data), "--bands", "s2", "--out",
-                str(out), "--epochs", str(a.epochs), "--chains", "dynamic",
-                "--aggregate-every", str(a.aggregate_every))))
-        else:
-            wall = sh(hpcsrl("pretrain", "--data", str(data), "--bands", "s2", "--method",
-                             "lite-srl", "--backbone", "resnet18", "--epochs", str(a.epochs),
-                             *common, "--precise-bn", "0", "--threads", "1", "--no-progress",
-                             "--pretrain-on", "all",  # what `hpcsrl dhp` reads: same batches
-                             "--out", str(out)))
-        sh(hpcsrl("evaluate", "--checkpoint", str(out / "checkpoint.pt"), "--data", str(data),
-                  "--bands", "s2", "--mode", "freeze", "--label-fractions", "0.1,0.2",
-                  "--epochs", str(a.eval_epochs), "--threads", "1", "--no-tsne", "--quiet",
-                  "--out", str(r / f"eval_{name}")))
-        runs[name] = (wall, before, load1(), oa_rows(r / f"eval_{name}" / "report.csv"))
+    seeds = [int(v) for v in a.seeds.split(",")]
+    for seed in seeds:
+        for name in ("dhp", "single"):
+            out = r / f"{name}_s{seed}"
+            if out.exists():
+                shutil.rmtree(out)
+            before = load1()
+            if name == "dhp":
+                wall = sh(mpirun_cmd(sum(replicas), hpcsrl(
+                    "dhp", "--plan", str(plan), "--data", str(data), "--bands", "s2", "--out",
+                    str(out), "--epochs", str(a.epochs), "--chains", "dynamic", "--seed",
+                    str(seed), "--aggregate-every", str(a.aggregate_every))))
+            else:
+                wall = sh(hpcsrl("pretrain", "--data", str(data), "--bands", "s2", "--method",
+                                 "lite-srl", "--backbone", "resnet18", "--epochs", str(a.epochs),
+                                 *common, "--precise-bn", "0", "--threads", "1", "--no-progress",
+                                 "--pretrain-on", "all",  # what `hpcsrl dhp` reads: same batches
+                                 "--seed", str(seed), "--out", str(out)))
+            ev = r / f"eval_{name}_s{seed}"
+            sh(hpcsrl("evaluate", "--checkpoint", str(out / "checkpoint.pt"), "--data", str(data),
+                      "--bands", "s2", "--mode", "freeze", "--label-fractions", "0.1,0.2",
+                      "--epochs", str(a.eval_epochs), "--threads", "1", "--no-tsne", "--quiet",
+                      "--out", str(ev)))
+            runs[name, seed] = (wall, before, load1(), oa_rows(ev / "report.csv"))
     rows = []
-    for name, (wall, before, after, report) in runs.items():
+    for (name, seed), (wall, before, after, report) in runs.items():
         for row in report:
-            rows.append({"pretraining": name, "replicas": "/".join(map(str, replicas))
+            rows.append({"pretraining": name, "seed": seed, "replicas": "/".join(map(str, replicas))
                          if name == "dhp" else "1", "launch_wall_s": round(wall, 1),
                          **row, "load_before": before, "load_after": after})
     write_csv(a.out_dir / "realcompute.csv", rows)
-    rep = json.loads((r / "dhp" / "dhp_report.json").read_text())
+    for frac in ("0.1000", "0.2000"):
+        oa = {name: [float(x["oa"]) for x in rows if x["pretraining"] == name
+                     and x["encoder"] == "lite-srl" and x["fraction"] == frac]
+              for name in ("dhp", "single")}
+        print(f"fraction {frac}: " + "; ".join(
+            f"{n} OA {100 * sum(v) / len(v):.2f} (seeds: {' '.join(f'{100 * o:.2f}' for o in v)})"
+            for n, v in oa.items()))
+    rep = json.loads((r / f"dhp_s{seeds[0]}" / "dhp_report.json").read_text())
     write_csv(a.out_dir / "realcompute_ranks.csv",
               [{k: v for k, v in x.items() if k != "state_digests"} for x in rep["ranks"]])
     print(f"DHP: {rep['iterations']} iterations, {rep['throughput_per_s']:.3f}/s; see "

@@ -25,10 +25,9 @@ import torch
 from torch import nn
 
 from hpcsrl.errors import UserError
-from hpcsrl.models.baselines.moco_v2 import KeyQueue
 from hpcsrl.parallel.gloo_rendezvous import ENV_ADDR, start_gloo
+from hpcsrl.parallel.replica import prepare_replica
 from hpcsrl.parallel.select import cores_filled
-from hpcsrl.parallel.sync_bn import convert_sync_bn
 
 DEFAULT_CYCLE_TIME_MS = "50"
 DEFAULT_CONTROLLER = "mpi"
@@ -81,16 +80,9 @@ class HorovodDistribution:
         return self.hvd.allgather(x, name="hpcsrl.gather")
 
     def prepare_model(self, model: nn.Module) -> nn.Module:
-        """Parameters back in contiguous layout (Horovod's collectives refuse channels-last
-        tensors; gradients follow their parameter's layout), BatchNorm synchronised on request.
-        Channels-last inputs still select the NHWC convolution kernels. MoCo's key queues enqueue
-        the keys of all ranks, as MoCo does under data parallelism: a rank's own keys alone would
-        give every replica other negatives and let the replicas drift apart."""
-        model.to(memory_format=torch.contiguous_format)
-        for m in model.modules():
-            if isinstance(m, KeyQueue):
-                m.gather = self._gather
-        return convert_sync_bn(model, self._sum, self.size) if self.sync_bn else model
+        """As every backend (`prepare_replica`): Horovod's collectives refuse channels-last
+        tensors, so the contiguous layout matters here too."""
+        return prepare_replica(model, self._sum, self._gather, self.size, self.sync_bn)
 
     def wrap_optimizer(self, opt: torch.optim.Optimizer, model: nn.Module,
                        backward_passes: int = 1) -> torch.optim.Optimizer:

@@ -22,9 +22,8 @@ import torch
 from mpi4py import MPI
 from torch import nn
 
-from hpcsrl.models.baselines.moco_v2 import KeyQueue
+from hpcsrl.parallel.replica import prepare_replica
 from hpcsrl.parallel.ring import ring_allreduce
-from hpcsrl.parallel.sync_bn import convert_sync_bn
 
 
 class FlatGradients:
@@ -100,13 +99,7 @@ class MPIDistribution:
         return torch.cat([torch.from_numpy(a) for a in self.comm.allgather(x.detach().numpy())])
 
     def prepare_model(self, model: nn.Module) -> nn.Module:
-        """Parameters in contiguous layout (gradients follow it into the flat buffer), MoCo's
-        queues fed with every rank's keys, BatchNorm synchronised on request."""
-        model.to(memory_format=torch.contiguous_format)
-        for m in model.modules():
-            if isinstance(m, KeyQueue):
-                m.gather = self._gather
-        return convert_sync_bn(model, self._sum, self.size) if self.sync_bn else model
+        return prepare_replica(model, self._sum, self._gather, self.size, self.sync_bn)
 
     def wrap_optimizer(self, opt: torch.optim.Optimizer, model: nn.Module,
                        backward_passes: int = 1) -> torch.optim.Optimizer:
