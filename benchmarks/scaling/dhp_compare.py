@@ -1,18 +1,20 @@
-"""DHP versus Horovod data parallelism on 2 ranks, same model and samples (main.py --compare-dhp).
+"""DHP versus data parallelism (both backends) on 2 ranks, same model and samples
+(main.py --compare-dhp).
 
 Both pre-train Lite-SRL/ResNet-18 on the same labelled HDF5 (default: the demo's synthetic
 12-band 48-px file, made when absent), with the same global mini-batches (every patch of the file,
 `--pretrain-on all` on the Horovod side because DHP reads the whole file), global batch, input
 size, LR (cosine by iteration, no warm-up, plain momentum) and number of mini-batches:
 
-- **horovod-dp**: `mpirun -np 2 hpcsrl pretrain` (each rank half of every mini-batch, one
-  gradient allreduce per step);
+- **dp-mpi** / **dp-horovod**: `mpirun -np 2 hpcsrl pretrain --data-parallel mpi|horovod` (each
+  rank half of every mini-batch, one gradient average per step; mpi is the default here);
 - **dhp**: `mpirun -np 2 hpcsrl dhp` on a 2-stage plan (`hpcsrl profile`, then
   `hpcsrl plan --objective throughput --devices 2 --total-devices 2`).
 
 Per run: time per mini-batch (Horovod: the logged epoch seconds; DHP: its report's wall time,
 both without start-up), bytes each rank sent per mini-batch (OpenMPI's PML monitoring for both
-runtimes, start-up traffic removed by differencing a 1-epoch run), peak RSS per rank
+runtimes, start-up traffic removed by differencing a 1-epoch run; Horovod's Gloo sockets added
+when used), peak RSS per rank
 (`peak_rss.py`, the maximum over the ranks) and the final accuracy: overall accuracy of a linear
 probe on the frozen encoder of the resulting checkpoint (`hpcsrl evaluate --mode freeze`, on the
 test split of the same file, whose patches both pre-trainings saw without labels).
@@ -78,10 +80,11 @@ def train(kind: str, a: argparse.Namespace, data: Path, plan: Path, epochs: int,
     same = ["--data", str(data), "--bands", a.compare_bands, "--epochs", str(epochs),
             "--batch-size", str(a.compare_batch), "--input-size", "32", "--lr", str(a.compare_lr),
             "--monitor-samples", "0", "--seed", "0", "--out", str(run / "out")]
-    if kind == "horovod-dp":
+    if kind.startswith("dp-"):
         cmd = ["pretrain", "--method", "lite-srl", "--backbone", "resnet18", *same,
                "--pretrain-on", "all", "--precise-bn", "0", "--schedule", "cosine",
-               "--warmup-epochs", "0", "--no-nesterov", "--threads", "1", "--no-progress"]
+               "--warmup-epochs", "0", "--no-nesterov", "--threads", "1", "--no-progress",
+               "--data-parallel", kind.removeprefix("dp-")]
     else:
         cmd = ["dhp", "--plan", str(plan), *same, "--aggregate-every", "100000", "--threads", "1"]
     sockets_before = socket_tx_bytes()
@@ -90,7 +93,7 @@ def train(kind: str, a: argparse.Namespace, data: Path, plan: Path, epochs: int,
         "--mca", "pml_monitoring_enable_output", "3", "--mca", "pml_monitoring_filename",
         str(mon), sys.executable, str(PEAK_RSS), str(rss), *cmd], a.timeout)
     sockets = (socket_tx_bytes() - sockets_before) / RANKS  # Horovod's Gloo traffic, per rank
-    if kind == "horovod-dp":
+    if kind.startswith("dp-"):
         with open(run / "out" / "log.csv") as f:
             rows = list(csv.DictReader(f))
         seconds = sum(float(r["seconds"]) for r in rows)
@@ -137,7 +140,7 @@ def compare(a: argparse.Namespace) -> list[dict]:
                            "compare (try another --compare-bandwidth)")
     cuts = " | ".join(f"{s['first_name']}..{s['last_name']}" for s in stages)
     rows = []
-    for kind in ("horovod-dp", "dhp"):
+    for kind in ("dp-mpi", "dp-horovod", "dhp"):
         load_before = os.getloadavg()[0]
         full = train(kind, a, data, plan, a.compare_epochs, work)
         short = train(kind, a, data, plan, 1, work)
@@ -146,8 +149,9 @@ def compare(a: argparse.Namespace) -> list[dict]:
         oa = accuracy(a, full["checkpoint"], data, work / f"eval-{kind}")
         row = {"group": f"dhp-vs-dp@{a.stamp}", "mode": "real", "scaling": "same-model",
                "ranks": RANKS, "oversubscribed": False, "micro_batch": a.compare_batch // RANKS
-               if kind == "horovod-dp" else a.compare_batch, "batches_per_allreduce": 1,
+               if kind.startswith("dp-") else a.compare_batch, "batches_per_allreduce": 1,
                "global_batch": a.compare_batch, "parallelism": kind,
+               "backend": kind.removeprefix("dp-") if kind.startswith("dp-") else "dhp",
                "plan_stages": cuts if kind == "dhp" else "",
                "minibatches": full["steps"], "step_s": full["step_s"],
                "images_per_s": a.compare_batch / full["step_s"],
