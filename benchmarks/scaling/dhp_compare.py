@@ -27,11 +27,14 @@ import csv
 import json
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 from traffic import pml_sent_bytes, socket_tx_bytes
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "dhp"))
+from common import demo_data, mpirun_cmd, sh  # noqa: E402  (benchmarks/dhp: the same helpers)
+from common import hpcsrl_cmd as hpcsrl  # noqa: E402
 
 from hpcsrl.data import PatchDataset
 from hpcsrl.log import get_logger
@@ -40,33 +43,6 @@ HERE = Path(__file__).resolve().parent
 PEAK_RSS = HERE / "peak_rss.py"
 RANKS = 2
 log = get_logger("hpcsrl.bench")
-
-
-def sh(cmd: list[str], timeout: float, env: dict[str, str] | None = None) -> None:
-    """Run `cmd`; a failure raises with the tail of its output."""
-    full = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
-                OMP_NUM_THREADS="1", **(env or {}))
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stdout[-2000:]}\n"
-                           f"{proc.stderr[-3000:]}")
-
-
-def hpcsrl(*args: str) -> list[str]:
-    return [sys.executable, "-m", "hpcsrl.cli.main", *args]
-
-
-def demo_data(folder: Path, timeout: float) -> Path:
-    """The demo's labelled file (scripts/demo.sh steps 1-2), made once under `folder`."""
-    data = folder / "patches.h5"
-    if not data.exists():
-        sh(hpcsrl("synth", "--out", str(folder / "scenes"), "--scenes", "6", "--size", "480",
-                  "--size-spread", "0.6", "--classes", "5", "--seed", "0"), timeout)
-        sh(["mpirun", "--oversubscribe", "--bind-to", "none", "-np", "2",
-            str(Path(sys.executable).parent / "hpcsrl-preprocess"), "--input",
-            str(folder / "scenes"), "--output", str(data), "--patch-size", "48", "--max-cloud",
-            "0.3", "--force"], timeout)
-    return data
 
 
 def train(kind: str, a: argparse.Namespace, data: Path, plan: Path, epochs: int,
@@ -88,10 +64,10 @@ def train(kind: str, a: argparse.Namespace, data: Path, plan: Path, epochs: int,
     else:
         cmd = ["dhp", "--plan", str(plan), *same, "--aggregate-every", "100000", "--threads", "1"]
     sockets_before = socket_tx_bytes()
-    sh(["mpirun", "--oversubscribe", "--bind-to", "none", "--map-by", "slot", "-np", str(RANKS),
-        "-x", "OMP_NUM_THREADS=1", "--mca", "pml_monitoring_enable", "1",
-        "--mca", "pml_monitoring_enable_output", "3", "--mca", "pml_monitoring_filename",
-        str(mon), sys.executable, str(PEAK_RSS), str(rss), *cmd], a.timeout)
+    sh(mpirun_cmd(RANKS, ["-x", "OMP_NUM_THREADS=1", "--mca", "pml_monitoring_enable", "1",
+                          "--mca", "pml_monitoring_enable_output", "3", "--mca",
+                          "pml_monitoring_filename", str(mon), sys.executable, str(PEAK_RSS),
+                          str(rss), *cmd]), a.timeout)
     sockets = (socket_tx_bytes() - sockets_before) / RANKS  # Horovod's Gloo traffic, per rank
     if kind.startswith("dp-"):
         with open(run / "out" / "log.csv") as f:
@@ -124,7 +100,7 @@ def compare(a: argparse.Namespace) -> list[dict]:
     their rows for scaling.csv."""
     work = a.compare_work
     work.mkdir(parents=True, exist_ok=True)
-    data = a.compare_data or demo_data(work / "demo", a.timeout)
+    data = a.compare_data or demo_data(work / "demo")
     channels = PatchDataset(data, bands=a.compare_bands).channels
     prof, plan = work / "profile.json", work / "plan.json"
     sh(hpcsrl("profile", "--method", "lite-srl", "--backbone", "resnet18", "--bands",
