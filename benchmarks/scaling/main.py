@@ -264,7 +264,8 @@ def add_ratios(rows: list[dict]) -> None:
 
 SUMMARY = ("group", "backend", "ranks", "repeats", "images_per_s_median", "efficiency_median",
            "efficiency_min", "efficiency_max", "compute_s_median", "optimizer_step_s_median",
-           "allreduce_ring_s_median", "allreduce_horovod_s_median")
+           "allreduce_ring_s_median", "allreduce_horovod_s_median", "allreduce_mpi_s_median",
+           "allreduce_ring_model_s_median")
 
 
 def summarise(rows: list[dict]) -> list[dict]:
@@ -287,7 +288,9 @@ def summarise(rows: list[dict]) -> list[dict]:
                     "compute_s_median": med("compute_s"),
                     "optimizer_step_s_median": med("optimizer_step_s"),
                     "allreduce_ring_s_median": med("allreduce_ring_s"),
-                    "allreduce_horovod_s_median": med("allreduce_horovod_s")})
+                    "allreduce_horovod_s_median": med("allreduce_horovod_s"),
+                    "allreduce_mpi_s_median": med("allreduce_mpi_s"),
+                    "allreduce_ring_model_s_median": med("allreduce_ring_model_s")})
     return out
 
 
@@ -307,35 +310,40 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = [r for r in rows if not r.get("parallelism")]  # DHP-vs-DP rows: a table, no curve
+    paired = [r for r in rows if r.get("repeat") is not None]
+    rows = paired or rows  # runs with --repeats (paired) when there are any; older rows stay in
+    # the CSV but are not drawn: single-shot efficiencies on a shared machine mislead
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    for group in dict.fromkeys(r["group"] for r in rows):
-        sel = [r for r in rows if r["group"] == group]
-        axes[0].plot([r["ranks"] for r in sel], [r["images_per_s"] for r in sel], "o-",
+    summary = summarise(rows)  # medians over repeats (a single run is its own median)
+    for group in dict.fromkeys(r["group"] for r in summary):
+        sel = [r for r in summary if r["group"] == group]
+        axes[0].plot([r["ranks"] for r in sel], [r["images_per_s_median"] for r in sel], "o-",
                      label=group)
-    axes[0].set(xlabel="ranks (4: oversubscribed, 2 cores)", ylabel="images/s",
+    axes[0].set(xlabel="ranks (4: oversubscribed, 2 cores)", ylabel="images/s (median)",
                 title="throughput", xticks=[1, 2, 4])
     axes[0].legend(fontsize=7)
-    multi = [r for r in rows if r["ranks"] > 1 and r.get("efficiency") is not None]
-    summary = [s for s in summarise(rows) if s["ranks"] > 1 and s["efficiency_median"]]
-    labels = [f"{s['group']}\nk={s['ranks']}" for s in summary]
-    mid = np.array([s["efficiency_median"] for s in summary])
-    spread = np.array([[m - s["efficiency_min"] for m, s in zip(mid, summary, strict=True)],
-                       [s["efficiency_max"] - m for m, s in zip(mid, summary, strict=True)]])
-    axes[1].bar(range(len(summary)), mid, yerr=spread, color="tab:blue", capsize=3)
+    multi = [s for s in summary if s["ranks"] > 1 and s["efficiency_median"]]
+    labels = [f"{s['group']}\nk={s['ranks']}" for s in multi]
+    mid = np.array([s["efficiency_median"] for s in multi])
+    spread = np.array([[m - s["efficiency_min"] for m, s in zip(mid, multi, strict=True)],
+                       [s["efficiency_max"] - m for m, s in zip(mid, multi, strict=True)]])
+    axes[1].bar(range(len(multi)), mid, yerr=spread, color="tab:blue", capsize=3)
     axes[1].axhline(0.85, color="red", ls="--", label="target 0.85")
-    axes[1].set_xticks(range(len(summary)), labels, rotation=60, fontsize=6)
+    axes[1].set_xticks(range(len(multi)), labels, rotation=60, fontsize=6)
     axes[1].set(ylabel="efficiency (speed-up / ranks)",
                 title="efficiency: median of paired repeats (bars: min-max)")
     axes[1].legend(fontsize=7)
-    ar = [r for r in multi if r.get("allreduce_mpi_s") is not None]
+    ar = [s for s in multi if s.get("allreduce_mpi_s_median") is not None]
     x = np.arange(len(ar))
-    for i, (key, name) in enumerate((("allreduce_horovod_s", "Horovod"),
-                                     ("allreduce_mpi_s", "MPI_Allreduce"),
-                                     ("allreduce_ring_s", "hpcsrl ring"),
-                                     ("allreduce_ring_model_s", "ring model 2(k-1)/k S/B"))):
-        axes[2].bar(x + (i - 1.5) * 0.2, [(r.get(key) or 0) * 1e3 for r in ar], 0.2, label=name)
-    axes[2].set_xticks(x, [f"{r['group']}\nk={r['ranks']}" for r in ar], rotation=60, fontsize=6)
-    axes[2].set(ylabel="ms per gradient allreduce", title="allreduce: measured vs model")
+    for i, (key, name) in enumerate((("allreduce_horovod_s_median", "Horovod"),
+                                     ("allreduce_mpi_s_median", "MPI_Allreduce"),
+                                     ("allreduce_ring_s_median", "hpcsrl ring"),
+                                     ("allreduce_ring_model_s_median",
+                                      "ring model 2(k-1)/k S/B"))):
+        axes[2].bar(x + (i - 1.5) * 0.2, [(s.get(key) or 0) * 1e3 for s in ar], 0.2, label=name)
+    axes[2].set_xticks(x, [f"{s['group']}\nk={s['ranks']}" for s in ar], rotation=60, fontsize=6)
+    axes[2].set(ylabel="ms per gradient average (median)",
+                title="gradient average alone: measured vs model")
     axes[2].legend(fontsize=7)
     fig.tight_layout()
     with atomic_path(path) as tmp:
