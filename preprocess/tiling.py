@@ -7,8 +7,9 @@ count), and a rank whose range starts or ends mid-row reads only its own columns
 multiples of P, and P a multiple of 6, so 20 m and 60 m windows start on whole source pixels. Those
 bands are up-sampled to 10 m by `bilinear_upsample` on a native window read with one source pixel
 of margin, which reproduces `gdalwarp -r bilinear` (Float32 output) of the whole band exactly,
-no-data rules included, so there are no seams between patches; `data_super` stores it rounded to
-uint16 DN, which is gdalwarp's UInt16 output. (GDAL's own resampled RasterIO
+no-data rules included, so there are no seams between patches; `data_super` stores it rounded half
+up to uint16 DN (gdalwarp's UInt16 output but for some exact .5 ties of the 60 m bands, which
+GDAL rounds down). (GDAL's own resampled RasterIO
 would round to the source integer type: up to 1 DN off.) The cloud / no-data filter runs first, on
 the few rasters it needs; the other bands are read only for runs that keep a patch.
 """

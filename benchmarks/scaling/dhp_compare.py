@@ -3,7 +3,7 @@
 
 Both pre-train Lite-SRL/ResNet-18 on the same labelled HDF5 (default: the demo's synthetic
 12-band 48-px file, made when absent), with the same global mini-batches (every patch of the file,
-`--pretrain-on all` on the Horovod side because DHP reads the whole file), global batch, input
+`--pretrain-on all` on the data-parallel side because DHP reads the whole file), global batch, input
 size, LR (cosine by iteration, no warm-up, plain momentum) and number of mini-batches:
 
 - **dp-mpi** / **dp-horovod**: `mpirun -np 2 hpcsrl pretrain --data-parallel mpi|horovod` (each
@@ -11,7 +11,7 @@ size, LR (cosine by iteration, no warm-up, plain momentum) and number of mini-ba
 - **dhp**: `mpirun -np 2 hpcsrl dhp` on a 2-stage plan (`hpcsrl profile`, then
   `hpcsrl plan --objective throughput --devices 2 --total-devices 2`).
 
-Per run: time per mini-batch (Horovod: the logged epoch seconds; DHP: its report's wall time,
+Per run: time per mini-batch (data parallel: the logged epoch seconds; DHP: its report's wall time,
 both without start-up), bytes each rank sent per mini-batch (OpenMPI's PML monitoring for both
 runtimes, start-up traffic removed by differencing a 1-epoch run; Horovod's Gloo sockets added
 when used), peak RSS per rank

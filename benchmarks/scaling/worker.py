@@ -25,10 +25,8 @@ import numpy as np
 import torch
 from mpi4py import MPI  # first: MPI initialised once, MPI_THREAD_MULTIPLE, before Horovod
 
-from hpcsrl.parallel.horovod import HorovodDistribution
-from hpcsrl.parallel.mpi_data_parallel import MPIDistribution
 from hpcsrl.parallel.ring import ring_allreduce
-from hpcsrl.parallel.select import BACKENDS, resolve_backend
+from hpcsrl.parallel.select import BACKENDS, make_distribution
 from hpcsrl.train.distribution import SingleProcess
 from hpcsrl.train.loop import PretrainConfig, Pretrainer
 
@@ -113,13 +111,9 @@ def main() -> None:
         sys.exit("worker.py: --independent needs --mode synthetic")
     parallel = k > 1 and not args.independent
     groups = args.groups if args.groups == "auto" else int(args.groups)
-    backend = resolve_backend(args.backend) if parallel else "single"
-    if backend == "horovod":
-        dist = HorovodDistribution(fp16_allreduce=args.fp16_allreduce, groups=groups)
-    elif backend == "mpi":
-        dist = MPIDistribution(fp16_allreduce=args.fp16_allreduce)
-    else:
-        dist = SingleProcess()
+    dist = make_distribution(fp16_allreduce=args.fp16_allreduce, backend=args.backend,
+                             groups=groups) if parallel else SingleProcess()
+    backend = dist.describe()["kind"]  # single, mpi or horovod
     per_step = args.micro_batch * args.batches_per_allreduce
     batch = per_step * k
     if args.mode == "synthetic":

@@ -1,15 +1,15 @@
 """Data parallelism over MPI directly (mpi4py), as a `Distribution` of the shared epoch loop.
 
 The same contract as `hpcsrl.parallel.horovod`: each rank trains on its shard of every global
-mini-batch, gradients are averaged before every step, rank 0's state is broadcast at the start.
-The difference is who communicates and when. Horovod runs a background thread that wakes every
-HOROVOD_CYCLE_TIME to agree with the other ranks (a collective, busy-waiting in OpenMPI) and
-starts an allreduce only at its next cycle. On a CPU node whose cores all compute, that thread
-takes cores from backward and the step waits for its cycle (2 ranks on 2 cores, ResNet-18,
-benchmarks/scaling: forward + backward 0.28 s alone, 0.38-0.42 s with Horovod merely
-initialised). Here nothing runs beside the compute: backward accumulates into one flat gradient
-buffer, and the training thread ring-allreduces it (`ring.ring_allreduce`) just before the
-optimiser step, on the cores backward has just freed.
+mini-batch, gradients are averaged before every step, rank 0's state is broadcast at the start. The
+difference is who communicates and when. Horovod runs a background thread that wakes every
+HOROVOD_CYCLE_TIME to agree with the other ranks (a collective, busy-waiting in OpenMPI) and starts
+an allreduce only at its next cycle. On a CPU node whose cores all compute, that thread takes cores
+from backward and the step waits for its cycle (2 ranks on 2 cores, ResNet-18: forward + backward
+0.27-0.32 s alone, 0.38-0.42 s with Horovod merely initialised, measured by a throw-away script;
+benchmarks/scaling/README.md has the kept measurements). Here nothing runs beside the compute:
+backward accumulates into one flat gradient buffer, and the training thread ring-allreduces it
+(`ring.ring_allreduce`) just before the optimiser step, on the cores backward has just freed.
 """
 
 from __future__ import annotations

@@ -40,7 +40,11 @@ def node_ranks() -> int:
     """Ranks of this job on this node (initialises MPI, which every backend needs anyway)."""
     from mpi4py import MPI
 
-    return MPI.COMM_WORLD.Split_type(MPI.COMM_TYPE_SHARED).Get_size()
+    node = MPI.COMM_WORLD.Split_type(MPI.COMM_TYPE_SHARED)
+    try:
+        return node.Get_size()
+    finally:
+        node.Free()
 
 
 def resolve_backend(backend: str) -> str:
@@ -54,9 +58,10 @@ def resolve_backend(backend: str) -> str:
 
 
 def make_distribution(sync_bn: bool = False, fp16_allreduce: bool = False,
-                      backend: str = "auto"):
+                      backend: str = "auto", groups: int | str = "auto"):
     """The single process when the launcher started one rank (unchanged), else data parallelism
-    with `backend` (one of BACKENDS)."""
+    with `backend` (one of BACKENDS; `groups`: Horovod's allreduce groups, see
+    `HorovodDistribution`)."""
     from hpcsrl.train.distribution import SingleProcess
 
     if launched_ranks() <= 1:
@@ -67,4 +72,4 @@ def make_distribution(sync_bn: bool = False, fp16_allreduce: bool = False,
         return MPIDistribution(sync_bn=sync_bn, fp16_allreduce=fp16_allreduce)
     from hpcsrl.parallel.horovod import HorovodDistribution
 
-    return HorovodDistribution(sync_bn=sync_bn, fp16_allreduce=fp16_allreduce)
+    return HorovodDistribution(sync_bn=sync_bn, fp16_allreduce=fp16_allreduce, groups=groups)
