@@ -1,6 +1,7 @@
 """Real compute: DHP pre-training of Lite-SRL on the demo HDF5 (3 stages, dynamic chains on six
 ranks, as planned by `hpcsrl plan`), then a frozen-encoder evaluation, against single-process
-`hpcsrl pretrain` on the same mini-batches (same epochs, batch, seed, schedule).
+`hpcsrl pretrain` on the same mini-batches (same epochs, batch, seed, schedule; both read the
+split's pool only, each run drawing the same split, so the test patches are never seen).
 
     flock /tmp/hpcsrl-bench.lock python benchmarks/dhp/realcompute.py --epochs 10 --seeds 0,1,2
                                                                          # ~12 min idle
@@ -81,7 +82,6 @@ def main() -> int:
                 wall = sh(hpcsrl("pretrain", "--data", str(data), "--bands", "s2", "--method",
                                  "lite-srl", "--backbone", "resnet18", "--epochs", str(a.epochs),
                                  *common, "--precise-bn", "0", "--threads", "1", "--no-progress",
-                                 "--pretrain-on", "all",  # what `hpcsrl dhp` reads: same batches
                                  "--seed", str(seed), "--out", str(out)))
             ev = r / f"eval_{name}_s{seed}"
             sh(hpcsrl("evaluate", "--checkpoint", str(out / "checkpoint.pt"), "--data", str(data),

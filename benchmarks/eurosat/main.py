@@ -87,6 +87,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "the validation part only; the best one is used for the budget run")
     p.add_argument("--pilot-minutes", type=float, default=15.0)
     p.add_argument("--pilot-method", default="lite-srl")
+    p.add_argument("--pilot-only", action="store_true",
+                   help="stop after the pilot (OUT/pilot/pilot.json): compare recipes on "
+                   "validation before spending the budget")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # one method's pre-training
     return p.parse_args(argv)
 
@@ -455,6 +458,9 @@ def main(argv: list[str] | None = None) -> int:
     chosen = None
     if args.pilot:
         chosen = pilot(args, split)
+        (out / "pilot" / "pilot.json").write_text(json.dumps(chosen, indent=2) + "\n")
+        if args.pilot_only:
+            return 0
         for k, v in chosen["chosen"].items():
             setattr(args, k, v)
         args.argv += as_argv(chosen["chosen"])

@@ -2,9 +2,9 @@
 (main.py --compare-dhp).
 
 Both pre-train Lite-SRL/ResNet-18 on the same labelled HDF5 (default: the demo's synthetic
-12-band 48-px file, made when absent), with the same global mini-batches (every patch of the file,
-`--pretrain-on all` on the data-parallel side because DHP reads the whole file), global batch, input
-size, LR (cosine by iteration, no warm-up, plain momentum) and number of mini-batches:
+12-band 48-px file, made when absent), with the same global mini-batches (the split's pool, each
+run's default, drawn with the same seed), global batch, input size, LR (cosine by iteration, no
+warm-up, plain momentum) and number of mini-batches:
 
 - **dp-mpi** / **dp-horovod**: `mpirun -np 2 hpcsrl pretrain --data-parallel mpi|horovod` (each
   rank half of every mini-batch, one gradient average per step; mpi is the default here);
@@ -17,7 +17,7 @@ runtimes, start-up traffic removed by differencing a 1-epoch run; Horovod's Gloo
 when used), peak RSS per rank
 (`peak_rss.py`, the maximum over the ranks) and the final accuracy: overall accuracy of a linear
 probe on the frozen encoder of the resulting checkpoint (`hpcsrl evaluate --mode freeze`, on the
-test split of the same file, whose patches both pre-trainings saw without labels).
+test split of the same file, which neither pre-training read).
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def train(kind: str, a: argparse.Namespace, data: Path, plan: Path, epochs: int,
             "--monitor-samples", "0", "--seed", "0", "--out", str(run / "out")]
     if kind.startswith("dp-"):
         cmd = ["pretrain", "--method", "lite-srl", "--backbone", "resnet18", *same,
-               "--pretrain-on", "all", "--precise-bn", "0", "--schedule", "cosine",
+               "--precise-bn", "0", "--schedule", "cosine",
                "--warmup-epochs", "0", "--no-nesterov", "--threads", "1", "--no-progress",
                "--data-parallel", kind.removeprefix("dp-")]
     else:

@@ -13,7 +13,7 @@ of hpcsrl pretrain), RUN/dhp_report.json, RUN/dhp_ranks.csv and RUN/dhp_assignme
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from hpcsrl.cli.pretrain import AUGMENT_NAMES
+    from hpcsrl.cli.pretrain import AUGMENT_NAMES, add_split_arguments
 
     p.epilog = EPILOG
     p.formatter_class = argparse.RawDescriptionHelpFormatter
@@ -53,6 +53,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="as in hpcsrl pretrain: labelled monitor patches held out of training")
     p.add_argument("--augment", default="chips", choices=AUGMENT_NAMES)
     p.add_argument("--method-option", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--pretrain-on", choices=("pool", "all"), default="pool",
+                   help="as in hpcsrl pretrain: pool (default) never reads the split's test or "
+                   "validation patches; all includes them (recorded in the checkpoint)")
+    add_split_arguments(p)
     p.add_argument("--wait", choices=("poll", "block"), default="poll",
                    help="poll: Test() with a back-off sleep (default; never spins a core); "
                    "block: MPI's blocking waits (combine with --mca mpi_yield_when_idle 1)")
@@ -83,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
 
     for key, value in MPI_DEFAULTS.items():
         os.environ.setdefault(key, value)
-    from hpcsrl.cli.pretrain import parse_method_options
+    from hpcsrl.cli.pretrain import parse_method_options, split_options
     from hpcsrl.errors import UserError
     from hpcsrl.pipeline.emulate import parse_slowdown, parse_time_scale
     from hpcsrl.pipeline.run import DhpOptions
@@ -109,7 +113,9 @@ def run(args: argparse.Namespace) -> int:
                    input_size=args.input_size, lr=args.lr, weight_decay=args.weight_decay,
                    momentum=args.momentum, seed=args.seed, limit=args.limit,
                    monitor_samples=args.monitor_samples, augment=args.augment,
-                   method_options=options, wait=args.wait, threads=args.threads,
+                   pretrain_on=args.pretrain_on, split=args.split,
+                   split_options=split_options(args), method_options=options,
+                   wait=args.wait, threads=args.threads,
                    emulate=args.emulate, time_scale=parse_time_scale(args.time_scale),
                    slowdown=parse_slowdown(args.slowdown))
     return run_dhp(o)

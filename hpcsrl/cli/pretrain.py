@@ -18,7 +18,7 @@ T = TypeVar("T")
 METHOD_NAMES = ("lite-srl", "simsiam", "byol", "simclr", "moco-v2", "dual-simclr")
 BACKBONE_NAMES = ("resnet18", "resnet34", "resnet50")
 # = hpcsrl.augment.views.AUGMENT_PRESETS (spelled out so --help stays torch-free; a test checks)
-AUGMENT_NAMES = ("chips", "chips-native", "paper")
+AUGMENT_NAMES = ("chips", "chips-native", "chips-mild", "paper")
 # Set by mpirun / srun / horovodrun: several processes then share the node's cores.
 LAUNCHER_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "SLURM_STEP_ID", "SLURM_JOB_ID",
                  "HOROVOD_RANK")
@@ -68,8 +68,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--augment", default="chips", choices=AUGMENT_NAMES,
                    help="view strength: chips (default: the paper's crop and colour ops without "
                    "the blur that wipes out texture on small chips), chips-native (crops of "
-                   "15-50 %% of the patch, so 32-px views of "
-                   "64-px chips keep their ground resolution) or paper (its 224-px recipe)")
+                   "15-50 %% of the patch, so 32-px views of 64-px chips keep their ground "
+                   "resolution), chips-mild (half the colour jitter, no hue turn or grayscale: "
+                   "keeps the colour that separates land-cover classes) or paper (its 224-px "
+                   "recipe)")
     p.add_argument("--method-option", action="append", default=[], metavar="KEY=VALUE",
                    help="head/loss option of the method, repeatable (e.g. proj_out_relu=1 for "
                    "the paper-literal Lite-SRL projector); see hpcsrl.models.registry")
@@ -260,7 +262,8 @@ def check_arguments(args: argparse.Namespace) -> tuple[dict[str, Any], list[int]
 
 
 def add_split_arguments(p: argparse.ArgumentParser) -> None:
-    """The split options shared by `hpcsrl pretrain` and `hpcsrl evaluate` (hpcsrl.data.splits)."""
+    """The split options shared by `hpcsrl pretrain`, `hpcsrl dhp` and `hpcsrl evaluate`
+    (hpcsrl.data.splits)."""
     g = p.add_argument_group(
         "test / validation / pool split",
         "One split.json per file and seed: pre-training and BatchNorm statistics read the pool "

@@ -102,6 +102,9 @@ class DhpOptions:
     limit: int | None = None
     monitor_samples: int = 512
     augment: str = "chips"
+    pretrain_on: str = "pool"    # the split's pool only (as hpcsrl pretrain), or "all"
+    split: str | None = None     # split.json to reuse (default OUT/split.json, drawn if absent)
+    split_options: dict[str, Any] = field(default_factory=dict)  # SplitSpec fields set
     method_options: dict[str, Any] = field(default_factory=dict)
     wait: str = "poll"
     threads: int = 1
@@ -214,9 +217,25 @@ def check_run(o: DhpOptions, size: int) -> dict[str, Any]:
                          limit=o.limit, monitor_samples=o.monitor_samples,
                          method_options=dict(o.method_options), augment=o.augment,
                          progress=False)
-    labels = np.asarray(ds.labels) if getattr(ds, "has_labels", False) else None
-    train_idx = split_indices(len(ds), labels, cfg)[0]
-    check_batch_size(len(train_idx), batch)
+    out = Path(o.out)
+    from hpcsrl.train.lock import RunLock
+
+    # The folder lock first: a run refused because another one holds OUT must not write
+    # OUT/split.json. From here every refusal releases it.
+    lock = RunLock(out).acquire()
+    try:
+        probe = out / f".write-test.{os.getpid()}"
+        try:
+            probe.write_text("")
+            probe.unlink()
+        except OSError as exc:
+            raise UserError(f"--out {out}: not writable ({exc.strerror})") from None
+        ds = _training_patches(o, out)
+        train_idx = split_indices(len(ds), _labels(ds), cfg)[0]
+        check_batch_size(len(train_idx), batch)
+    except UserError:
+        lock.release()
+        raise
     spe = len(epoch_batches(train_idx, batch, o.seed, 0))
     total = o.iterations if o.iterations is not None else (o.epochs or 1) * spe
     cfg.epochs = math.ceil(total / spe)
@@ -224,17 +243,6 @@ def check_run(o: DhpOptions, size: int) -> dict[str, Any]:
     for k in ("workers", "progress", "knn_k", "in_memory"):
         record.pop(k, None)
     record["dhp_total_iterations"] = total
-    out = Path(o.out)
-    from hpcsrl.train.lock import RunLock
-
-    lock = RunLock(out).acquire()
-    probe = out / f".write-test.{os.getpid()}"
-    try:
-        probe.write_text("")
-        probe.unlink()
-    except OSError as exc:
-        lock.release()
-        raise UserError(f"--out {out}: not writable ({exc.strerror})") from None
     first, resume_from = 0, None
     ckpt_path = out / CHECKPOINT
     if ckpt_path.exists() and not o.resume:
@@ -249,6 +257,12 @@ def check_run(o: DhpOptions, size: int) -> dict[str, Any]:
                 (*RESUME_KEYS, "dhp_total_iterations") if saved.get(k) != record[k]]
         if ckpt.get("config") != model.config:
             diff.append(f"model {ckpt.get('config')} (now {model.config})")
+        was = (ckpt.get("data") or {}).get("split") or {}
+        now = ds.split_record
+        if (was.get("digest"), was.get("pretrain_on")) != (now["digest"], now["pretrain_on"]):
+            diff.append(f"split {was.get('path')} ({was.get('pretrain_on', 'all patches')}, "
+                        f"digest {was.get('digest')}; now {now['path']}, {now['pretrain_on']}, "
+                        f"digest {now['digest']})")
         if diff:
             lock.release()
             raise UserError(f"{ckpt_path} was made with different options: {'; '.join(diff)}; "
@@ -266,11 +280,30 @@ def check_run(o: DhpOptions, size: int) -> dict[str, Any]:
         "config": model.config, "cfg": asdict(cfg), "record": record, "channels": ds.channels,
         "band_names": list(ds.band_names), "sensor": ds.sensor, "steps_per_epoch": spe,
         "total": total, "first": first, "end": end, "resume_from": resume_from,
-        "history": history, "data": ds.fingerprint() if hasattr(ds, "fingerprint") else None,
+        "history": history, "data": ds.fingerprint(), "rows": ds.indices.tolist(),
         "lock": lock}
 
 
 # --- helpers ---------------------------------------------------------------------------------
+def _training_patches(o: DhpOptions, out: Path) -> Any:
+    """The patches pre-training reads (the split's pool by default, as `hpcsrl pretrain`): the
+    split is drawn into OUT/split.json (or --split reused) and recorded in the checkpoint, so
+    `hpcsrl evaluate` scores the same test part and --resume refuses another split."""
+    from hpcsrl.data.splits import Layout, SplitPatches, resolve_split
+
+    path = Path(o.split) if o.split else out / "split.json"
+    try:
+        split = resolve_split(path, Layout.read(o.data), o.split_options)
+    except OSError as exc:
+        raise UserError(f"{path.parent}: cannot write {path.name} there ({exc.strerror}): "
+                        "choose a writable --out (or --split)") from None
+    return SplitPatches(o.data, o.bands, split, o.pretrain_on)
+
+
+def _labels(ds: Any) -> np.ndarray | None:
+    return np.asarray(ds.labels) if getattr(ds, "has_labels", False) else None
+
+
 def _peak_rss() -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
@@ -366,7 +399,8 @@ def _run(o: DhpOptions, world: MPI.Comm, spec: dict[str, Any], log: Any) -> int:
             def lr_at(mb: int) -> float:
                 return cfg.base_lr * lr_factor(total, mb)
 
-            source = _data_source(o, cfg, shell, spec["steps_per_epoch"]) if stage == 0 else None
+            source = (_data_source(o, cfg, shell, spec["steps_per_epoch"], spec["rows"])
+                      if stage == 0 else None)
             compute = TorchStage(part, in_spec, out_spec, opt, lr_at, source)
             set_momentum(compute, momentum)
     except UserError as exc:
@@ -378,6 +412,13 @@ def _run(o: DhpOptions, world: MPI.Comm, spec: dict[str, Any], log: Any) -> int:
                   flush=True)
         return 2
     assert compute is not None
+    split = (spec.get("data") or {}).get("split")
+    if rank == 0 and split:
+        log.info("split %s (%s, digest %s): pre-training reads %s, %d patches", split["path"],
+                 split["grouping"], split["digest"],
+                 "ALL patches, test included (--pretrain-on all)"
+                 if split["pretrain_on"] == "all" else "the pool only (no test or validation "
+                 "patch)", len(spec["rows"]))
     procs = world.allgather((socket.gethostname(), os.getpid()))
     comms = make_comms(world, layout)
     coordinator = None
@@ -501,15 +542,17 @@ def _name_the_dead_on_sigterm(coordinator: Coordinator, procs: list[tuple[str, i
     signal.signal(signal.SIGTERM, handler)
 
 
-def _data_source(o: DhpOptions, cfg: Any, model: Any, steps_per_epoch: int) -> Any:
-    """chain input of mini-batch `mb`: its patches (the shared assignment) and its two views."""
+def _data_source(o: DhpOptions, cfg: Any, model: Any, steps_per_epoch: int,
+                 rows: list[int]) -> Any:
+    """chain input of mini-batch `mb`: its patches (the shared assignment) and its two views.
+    `rows`: the file rows pre-training reads (rank 0's split, sent in the run description so
+    no rank needs OUT on a shared file system)."""
     from hpcsrl.data import PatchDataset
     from hpcsrl.train.batches import epoch_batches, split_indices, view_generator
     from hpcsrl.train.loop import view_transform, views
 
-    ds = PatchDataset(o.data, bands=o.bands)
-    labels = np.asarray(ds.labels) if getattr(ds, "has_labels", False) else None
-    train_idx = split_indices(len(ds), labels, cfg)[0]
+    ds = PatchDataset(o.data, bands=o.bands, indices=np.asarray(rows, dtype=np.int64))
+    train_idx = split_indices(len(ds), _labels(ds), cfg)[0]
     transform = view_transform(ds, cfg)
     cache: dict[int, list[np.ndarray]] = {}
     chain_input = model.chain_input

@@ -27,24 +27,31 @@ def _assignment(out: Path) -> list[list[int]]:
 
 
 def test_one_fixed_chain_on_three_ranks_equals_single_process(run_mpi, tmp_path: Path) -> None:
-    from hpcsrl.data import PatchDataset
+    """Also: by default DHP pre-trains on the split's pool, as `hpcsrl pretrain` does (the
+    single process reads only the pool, instrumented in tests/test_splits.py; equal weights
+    mean DHP read the same patches), and records that split in its checkpoint."""
+    from hpcsrl.data.splits import Layout, SplitPatches, load_split
     from hpcsrl.models.registry import model_from_checkpoint
     from hpcsrl.train.loop import PretrainConfig, Pretrainer
 
-    data = write_rgb_h5(tmp_path / "p.h5")
+    data = write_rgb_h5(tmp_path / "p.h5", n=60)
     plan = write_plan(tmp_path / "plan.json", cuts=[6, 16], replicas=[1, 1, 1])
     out = tmp_path / "dhp"
     run_mpi(3, dhp_cmd(plan, data, out, "--epochs", "1", "--chains", "fixed",
                        "--aggregate-every", "100"), timeout=300)
+    split = load_split(out / "split.json", Layout.read(data))
     rep = _report(out)
     assert rep["iterations"] == 5 and [r["iterations"] for r in rep["ranks"]] == [5, 5, 5]
     dhp, ckpt = model_from_checkpoint(out / "checkpoint.pt")
     assert ckpt["dhp"]["iteration"] == 5
+    assert ckpt["data"]["split"]["pretrain_on"] == "pool"
+    assert ckpt["data"]["split"]["digest"] == split.digest()
+    assert ckpt["data"]["patches"] == len(split.pool) < 60
 
     torch.set_num_threads(1)
     cfg = PretrainConfig(epochs=1, batch_size=4, input_size=32, bands="rgb", progress=False,
                          precise_bn=0)
-    ref = Pretrainer(PatchDataset(data, bands="rgb"), cfg, tmp_path / "ref")
+    ref = Pretrainer(SplitPatches(data, "rgb", split), cfg, tmp_path / "ref")
     assert ref.steps_per_epoch == 5
     ref.train_epoch(0)
     ref_state = ref.model.state_dict()
