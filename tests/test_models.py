@@ -224,6 +224,21 @@ def test_small_stem_keeps_resolution_and_units():
         ResNet("resnet18", 3, stem="tiny")
 
 
+def test_mid_stem_halves_once_without_max_pool():
+    net = ResNet("resnet18", 3, stem="mid").eval()
+    small = ResNet("resnet18", 3, stem="small")
+    assert [n for n, _ in net.units()] == [n for n, _ in small.units()]
+    assert net.conv1.kernel_size == (3, 3) and net.conv1.stride == (2, 2)
+    h = torch.randn(1, 3, 64, 64)
+    for _, unit in net.units()[:-1]:
+        h = unit(h)
+    assert h.shape[-2:] == (4, 4)  # 16x reduction: between small (8x8) and imagenet (2x2)
+    assert net(torch.randn(2, 3, 16, 16)).shape == (2, 512)
+    assert sum(p.numel() for p in net.parameters()) == sum(p.numel() for p in small.parameters())
+    model = build_method("lite-srl", stem="mid")
+    assert model.config["stem"] == "mid" and model_from_config(model.config).config == model.config
+
+
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_small_stem_is_recorded_and_rebuilt_for_every_method(method):
     torch.manual_seed(0)

@@ -18,7 +18,7 @@ from hpcsrl.cli.main import main
 from hpcsrl.errors import UserError
 from hpcsrl.features.precise_bn import recalibrate
 from hpcsrl.models.registry import METHODS, build_method, model_from_checkpoint
-from hpcsrl.models.resnet import BACKBONES
+from hpcsrl.models.resnet import BACKBONES, STEMS
 from hpcsrl.train.loop import LOG_COLUMNS, MemoryPatches, PretrainConfig, Pretrainer
 
 
@@ -233,6 +233,7 @@ def test_cli_names_match_the_registry():
     assert set(pretrain_cli.METHOD_NAMES) == set(METHODS)
     assert set(pretrain_cli.BACKBONE_NAMES) == set(BACKBONES)
     assert set(pretrain_cli.AUGMENT_NAMES) == set(AUGMENT_PRESETS)
+    assert pretrain_cli.STEM_NAMES == STEMS
 
 
 def test_method_options_are_typed_and_checked():

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hpcsrl.cli.pretrain import add_split_arguments, split_options
+from hpcsrl.cli.pretrain import STEM_NAMES, add_split_arguments, split_options
 from hpcsrl.errors import UserError
 from hpcsrl.log import get_logger
 
@@ -61,7 +61,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="evaluate only a randomly initialised encoder (no checkpoint)")
     p.add_argument("--method", default="lite-srl", help="architecture for --random-init")
     p.add_argument("--backbone", default="resnet18", help="backbone for --random-init")
-    p.add_argument("--stem", choices=("imagenet", "small"), default="imagenet",
+    p.add_argument("--stem", choices=STEM_NAMES, default="imagenet",
                    help="ResNet stem for --random-init (a checkpoint records its own)")
     p.add_argument("--no-random-floor", action="store_true",
                    help="skip the random-init encoder rows beside a checkpoint")

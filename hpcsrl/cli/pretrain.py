@@ -19,6 +19,11 @@ METHOD_NAMES = ("lite-srl", "simsiam", "byol", "simclr", "moco-v2", "dual-simclr
 BACKBONE_NAMES = ("resnet18", "resnet34", "resnet50")
 # = hpcsrl.augment.views.AUGMENT_PRESETS (spelled out so --help stays torch-free; a test checks)
 AUGMENT_NAMES = ("chips", "chips-native", "chips-mild", "paper")
+# = hpcsrl.models.resnet.STEMS (spelled out for the same reason)
+STEM_NAMES = ("imagenet", "small", "mid")
+STEM_HELP = ("ResNet stem: imagenet (7x7/2 + max-pool, default), small (3x3/1, no max-pool: 8x8 "
+             "cells from a 64-px chip instead of 2x2, ~16x the compute) or mid (3x3/2, no "
+             "max-pool: 4x4 cells, ~4x); recorded in the model config")
 # Set by mpirun / srun / horovodrun: several processes then share the node's cores.
 LAUNCHER_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "SLURM_STEP_ID", "SLURM_JOB_ID",
                  "HOROVOD_RANK")
@@ -82,10 +87,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="read all patches into memory once (float32: 4 x bands x size^2 bytes "
                    "each) instead of an HDF5 read per batch")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--stem", choices=("imagenet", "small"), default="imagenet",
-                   help="ResNet stem: imagenet (7x7/2 + max-pool, default) or small (3x3/1, no "
-                   "max-pool: 8x8 cells from a 64-px chip instead of 2x2, ~16x the compute); "
-                   "recorded in the model config")
+    p.add_argument("--stem", choices=STEM_NAMES, default="imagenet", help=STEM_HELP)
     p.add_argument("--pretrain-on", choices=("pool", "all"), default="pool",
                    help="pool (default): never read the test or validation patches of the split; "
                    "all: include them deliberately (recorded in the checkpoint)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import platform
 
+from hpcsrl.cli.pretrain import STEM_HELP, STEM_NAMES
 from hpcsrl.errors import UserError
 from hpcsrl.log import get_logger
 
@@ -14,8 +15,7 @@ METHOD_HELP = "model registry method, e.g. lite-srl"
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", default="lite-srl", help=f"{METHOD_HELP} (default lite-srl)")
     p.add_argument("--backbone", default="resnet18", help="resnet18, resnet34 or resnet50")
-    p.add_argument("--stem", choices=("imagenet", "small"), default="imagenet",
-                   help="ResNet stem: imagenet (default) or small (3x3/1, no max-pool)")
+    p.add_argument("--stem", choices=STEM_NAMES, default="imagenet", help=STEM_HELP)
     p.add_argument("--bands", type=int, default=3, help="input channels (default 3)")
     p.add_argument("--input-size", type=int, default=224, help="square patch side in pixels")
     p.add_argument("--batch-size", type=int, default=64,

@@ -2,9 +2,9 @@
 
 The backbone is an `nn.Sequential` whose children are its partitionable units, in order:
 
-    conv1          7x7/2 convolution (in_channels -> 64); 3x3/1 with the small stem
+    conv1          7x7/2 convolution (in_channels -> 64); 3x3/1 (small) or 3x3/2 (mid stem)
     bn1_relu       batch norm + ReLU (one unit: the ReLU is in place on the BN output)
-    maxpool        3x3/2 max pooling (absent with the small stem)
+    maxpool        3x3/2 max pooling (absent with the small and mid stems)
     layer1_0 ...   one unit per residual block (a block is a parallel zone: never cut inside)
     avgpool        global average pooling + flatten -> (N, feature_dim)
 
@@ -16,7 +16,9 @@ paper's 28 partitionable layers. Parameters (3 bands): ResNet-18 11,176,512; Res
 
 Stems: `imagenet` reduces the input 32-fold, so a 64-px EuroSAT chip ends as 2 x 2 cells; `small`
 (a 3x3 stride-1 convolution and no max-pool, as self-supervised libraries use for 32-64 px
-images) reduces it 8-fold (8 x 8 cells) at about 16x the compute per image, one unit fewer.
+images) reduces it 8-fold (8 x 8 cells) at about 16x the compute per image, one unit fewer;
+`mid` (a 3x3 stride-2 convolution, no max-pool) sits between: 16-fold (4 x 4 cells) at about 4x
+the ImageNet stem's compute, for budgets where the small stem trains too few epochs.
 The method classes take only the depth name, so the registry builds a method inside
 `backbone_stem(stem)` and records a non-default stem in the model config.
 """
@@ -41,7 +43,7 @@ ARCHS: dict[str, tuple[str, tuple[int, int, int, int]]] = {
     "resnet50": ("bottleneck", (3, 4, 6, 3)),
 }
 BACKBONES: tuple[str, ...] = tuple(ARCHS)
-STEMS: tuple[str, ...] = ("imagenet", "small")
+STEMS: tuple[str, ...] = ("imagenet", "small", "mid")
 DEFAULT_STEM = "imagenet"
 _STEM: ContextVar[str] = ContextVar("resnet_stem", default=DEFAULT_STEM)
 
@@ -125,7 +127,7 @@ class ResNet(nn.Sequential):
     """A ResNet trunk whose children are exactly its partitionable units (see module docstring).
 
     Maps (N, in_channels, H, W) -> (N, feature_dim); any H, W >= 32 works (>= 8 with the small
-    stem). `stem` None: the one set by `backbone_stem` (default imagenet).
+    stem, >= 16 with the mid stem). `stem` None: the one set by `backbone_stem` (default imagenet).
     """
 
     def __init__(self, depth: str = "resnet18", in_channels: int = 3,
@@ -138,8 +140,9 @@ class ResNet(nn.Sequential):
         kind, counts = ARCHS[depth]
         block = BasicBlock if kind == "basic" else Bottleneck
         layers: OrderedDict[str, nn.Module] = OrderedDict()
-        if stem == "small":
-            layers["conv1"] = nn.Conv2d(in_channels, 64, 3, stride=1, padding=1, bias=False)
+        if stem in ("small", "mid"):
+            layers["conv1"] = nn.Conv2d(in_channels, 64, 3, stride=1 if stem == "small" else 2,
+                                        padding=1, bias=False)
             layers["bn1_relu"] = nn.Sequential(nn.BatchNorm2d(64), nn.ReLU(inplace=True))
         else:
             layers["conv1"] = nn.Conv2d(in_channels, 64, 7, stride=2, padding=3, bias=False)
