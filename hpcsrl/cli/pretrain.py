@@ -293,25 +293,15 @@ def pretrain_dataset(args: argparse.Namespace, write_split: bool = True):
     of them with --pretrain-on all; the split is recorded in the checkpoint's data fingerprint."""
     from pathlib import Path
 
-    from hpcsrl.data.splits import Layout, SplitPatches, resolve_split
+    from hpcsrl.data.splits import pretraining_patches
 
-    path = Path(args.split or Path(args.out) / "split.json")
-    try:
-        split = resolve_split(path, Layout.read(args.data), split_options(args),
-                              write=write_split)
-    except OSError as exc:
-        raise UserError(f"{path.parent}: cannot write {path.name} there ({exc.strerror}): "
-                        "choose a writable --out (or --split)") from None
-    return SplitPatches(args.data, args.bands, split, args.pretrain_on)
+    return pretraining_patches(args.data, args.bands, args.split or Path(args.out) / "split.json",
+                               split_options(args), args.pretrain_on, write=write_split)
 
 
 def log_split(ds) -> None:
     """Say which part of which split the run reads (it is also in the checkpoint)."""
+    from hpcsrl.data.splits import pretraining_message
     from hpcsrl.log import get_logger
 
-    rec = ds.split_record
-    get_logger("hpcsrl.pretrain").info(
-        "split %s (%s, digest %s): pre-training reads %s, %d of %d patches", rec["path"],
-        rec["grouping"], rec["digest"], "ALL patches, test included (--pretrain-on all)"
-        if rec["pretrain_on"] == "all" else "the pool only (no test or validation patch)",
-        len(ds), rec["n_test"] + rec["n_val"] + rec["n_pool"] + rec["n_guard"])
+    get_logger("hpcsrl.pretrain").info("%s", pretraining_message(ds.split_record, len(ds)))

@@ -486,3 +486,28 @@ class SplitPatches(PatchDataset):
 
     def fingerprint(self) -> dict[str, object]:
         return {**super().fingerprint(), "split": self.split_record}
+
+
+def pretraining_patches(data: str | os.PathLike, bands: str, path: str | os.PathLike,
+                        given: dict[str, Any] | None = None, pretrain_on: str = "pool",
+                        write: bool = True) -> SplitPatches:
+    """What `hpcsrl pretrain` and `hpcsrl dhp` read: the split at `path` (drawn and written
+    there when absent, see `resolve_split`) opened as its pool, or every patch with
+    `pretrain_on="all"`. An unwritable split location is a UserError naming it."""
+    path = Path(path)
+    try:
+        split = resolve_split(path, Layout.read(data), given, write=write)
+    except OSError as exc:
+        raise UserError(f"{path.parent}: cannot write {path.name} there ({exc.strerror}): "
+                        "choose a writable --out (or --split)") from None
+    return SplitPatches(data, bands, split, pretrain_on)
+
+
+def pretraining_message(record: dict[str, Any], n_read: int) -> str:
+    """One log line saying which part of which split a pre-training reads (`record`: a
+    `SplitPatches.split_record`)."""
+    part = ("ALL patches, test included (--pretrain-on all)" if record["pretrain_on"] == "all"
+            else "the pool only (no test or validation patch)")
+    total = record["n_test"] + record["n_val"] + record["n_pool"] + record["n_guard"]
+    return (f"split {record['path']} ({record['grouping']}, digest {record['digest']}): "
+            f"pre-training reads {part}, {n_read} of {total} patches")

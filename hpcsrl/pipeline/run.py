@@ -136,6 +136,7 @@ def check_run(o: DhpOptions, size: int) -> dict[str, Any]:
     """Everything that can be wrong before any rank works; returns the run description that
     every rank builds from. Raises UserError (one line)."""
     from hpcsrl.data import PatchDataset
+    from hpcsrl.data.splits import pretraining_patches
     from hpcsrl.models.registry import METHODS, build_method
     from hpcsrl.planning.quantities import format_bytes
     from hpcsrl.train.batches import check_batch_size, epoch_batches, split_indices
@@ -230,7 +231,10 @@ def check_run(o: DhpOptions, size: int) -> dict[str, Any]:
             probe.unlink()
         except OSError as exc:
             raise UserError(f"--out {out}: not writable ({exc.strerror})") from None
-        ds = _training_patches(o, out)
+        # the split's pool by default, as `hpcsrl pretrain`; recorded in the checkpoint, so
+        # `hpcsrl evaluate` scores the same test part and --resume refuses another split
+        ds = pretraining_patches(o.data, o.bands, o.split or out / "split.json",
+                                 o.split_options, o.pretrain_on)
         train_idx = split_indices(len(ds), _labels(ds), cfg)[0]
         check_batch_size(len(train_idx), batch)
     except UserError:
@@ -285,21 +289,6 @@ def check_run(o: DhpOptions, size: int) -> dict[str, Any]:
 
 
 # --- helpers ---------------------------------------------------------------------------------
-def _training_patches(o: DhpOptions, out: Path) -> Any:
-    """The patches pre-training reads (the split's pool by default, as `hpcsrl pretrain`): the
-    split is drawn into OUT/split.json (or --split reused) and recorded in the checkpoint, so
-    `hpcsrl evaluate` scores the same test part and --resume refuses another split."""
-    from hpcsrl.data.splits import Layout, SplitPatches, resolve_split
-
-    path = Path(o.split) if o.split else out / "split.json"
-    try:
-        split = resolve_split(path, Layout.read(o.data), o.split_options)
-    except OSError as exc:
-        raise UserError(f"{path.parent}: cannot write {path.name} there ({exc.strerror}): "
-                        "choose a writable --out (or --split)") from None
-    return SplitPatches(o.data, o.bands, split, o.pretrain_on)
-
-
 def _labels(ds: Any) -> np.ndarray | None:
     return np.asarray(ds.labels) if getattr(ds, "has_labels", False) else None
 
@@ -414,11 +403,9 @@ def _run(o: DhpOptions, world: MPI.Comm, spec: dict[str, Any], log: Any) -> int:
     assert compute is not None
     split = (spec.get("data") or {}).get("split")
     if rank == 0 and split:
-        log.info("split %s (%s, digest %s): pre-training reads %s, %d patches", split["path"],
-                 split["grouping"], split["digest"],
-                 "ALL patches, test included (--pretrain-on all)"
-                 if split["pretrain_on"] == "all" else "the pool only (no test or validation "
-                 "patch)", len(spec["rows"]))
+        from hpcsrl.data.splits import pretraining_message
+
+        log.info("%s", pretraining_message(split, len(spec["rows"])))
     procs = world.allgather((socket.gethostname(), os.getpid()))
     comms = make_comms(world, layout)
     coordinator = None
