@@ -59,13 +59,15 @@ def sh(cmd: Sequence[str], timeout: float = 3600) -> float:
     return time.perf_counter() - t0
 
 
-def demo_data(folder: Path) -> Path:
+def demo_data(folder: Path, scenes: int = 6) -> Path:
     """The demo's patches (`make demo`'s synthetic scenes, 12 Sentinel-2 bands, 48 px), made
-    under `folder` when absent (scripts/demo.sh steps 1-2)."""
+    under `folder` when absent (scripts/demo.sh steps 1-2); `scenes` > 6 makes more scenes of
+    the same kind (a larger test part for accuracy comparisons)."""
     data = folder / "patches.h5"
     if not data.exists():
         folder.mkdir(parents=True, exist_ok=True)
-        sh(hpcsrl_cmd("synth", "--out", str(folder / "scenes"), "--scenes", "6", "--size", "480",
+        sh(hpcsrl_cmd("synth", "--out", str(folder / "scenes"), "--scenes", str(scenes),
+                      "--size", "480",
                       "--size-spread", "0.6", "--classes", "5", "--seed", "0"))
         sh(mpirun_cmd(2, [str(Path(PY).parent / "hpcsrl-preprocess"), "--input",
                           str(folder / "scenes"), "--output", str(data), "--patch-size", "48",

@@ -48,6 +48,11 @@ def main() -> int:
     p.add_argument("--input-size", type=int, default=32)
     p.add_argument("--aggregate-every", type=int, default=10)
     p.add_argument("--eval-epochs", type=int, default=30)
+    p.add_argument("--scenes", type=int, default=6,
+                   help="synthetic scenes (6: the demo's file; more for a larger test part, "
+                   "made under RUNS/data_N)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="peak learning rate of both sides (default: 0.05 x batch / 256)")
     p.add_argument("--seeds", default="0",
                    help="pre-training seeds (model init, data order, augmentations), e.g. 0,1,2: "
                    "each pre-training runs once per seed, so the OA difference between DHP and "
@@ -56,8 +61,9 @@ def main() -> int:
     a = p.parse_args()
     r = a.runs
     r.mkdir(parents=True, exist_ok=True)
-    data = demo_data(r)
+    data = demo_data(r if a.scenes == 6 else r / f"data_{a.scenes}", a.scenes)
     common = ["--batch-size", str(a.batch_size), "--input-size", str(a.input_size)]
+    lr = ["--lr", str(a.lr)] if a.lr is not None else []
     prof, plan = r / "profile.json", r / "plan.json"
     sh(hpcsrl("profile", "--method", "lite-srl", "--backbone", "resnet18", "--bands", "12",
               *common, "--repeats", "2", "--threads", "1", "--out", str(prof)))
@@ -76,12 +82,13 @@ def main() -> int:
             if name == "dhp":
                 wall = sh(mpirun_cmd(sum(replicas), hpcsrl(
                     "dhp", "--plan", str(plan), "--data", str(data), "--bands", "s2", "--out",
-                    str(out), "--epochs", str(a.epochs), "--chains", "dynamic", "--seed",
+                    str(out), "--epochs", str(a.epochs), *lr, "--chains", "dynamic", "--seed",
                     str(seed), "--aggregate-every", str(a.aggregate_every))))
             else:
                 wall = sh(hpcsrl("pretrain", "--data", str(data), "--bands", "s2", "--method",
                                  "lite-srl", "--backbone", "resnet18", "--epochs", str(a.epochs),
-                                 *common, "--precise-bn", "0", "--threads", "1", "--no-progress",
+                                 *common, *lr, "--precise-bn", "0", "--threads", "1",
+                                 "--no-progress",
                                  "--seed", str(seed), "--out", str(out)))
             ev = r / f"eval_{name}_s{seed}"
             sh(hpcsrl("evaluate", "--checkpoint", str(out / "checkpoint.pt"), "--data", str(data),
