@@ -157,8 +157,9 @@ def test_collapse_warning(tmp_path):
     assert any("collapsing" in r.getMessage() for r in records)
 
 
-def _write_rgb_h5(path, n=40, size=32):
-    x, labels = _patterns(n, size=size)
+def _write_rgb_h5(path, n=40, size=32, seed=0):
+    """`_patterns` as a labelled uint8 RGB patch file (the SCHEMA.md layout)."""
+    x, labels = _patterns(n, size=size, seed=seed)
     rgb = np.clip(x * 40 + 128, 0, 255).astype(np.uint8)
     with h5py.File(path, "w") as f:
         f.attrs["format_version"] = 1

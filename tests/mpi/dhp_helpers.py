@@ -6,34 +6,10 @@ import json
 import sys
 from pathlib import Path
 
-import h5py
-import numpy as np
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: test_pretrain's writer
+from test_pretrain import _write_rgb_h5 as write_rgb_h5  # noqa: E402, F401 (the DHP tests' data)
 
 PY = sys.executable
-
-
-def write_rgb_h5(path: Path, n: int = 40, size: int = 32, seed: int = 0) -> Path:
-    """Oriented stripes of three classes (learnable), as uint8 RGB patches with labels."""
-    rng = np.random.default_rng(seed)
-    labels = np.arange(n) % 3
-    yy, xx = np.mgrid[0:size, 0:size] / size
-    x = np.empty((n, 3, size, size), np.float32)
-    for i, k in enumerate(labels):
-        wave = np.sin(2 * np.pi * (3 + k) * (np.cos(k) * xx + np.sin(k) * yy)
-                      + rng.uniform(0, 2 * np.pi))
-        for c in range(3):
-            x[i, c] = wave * (1 + 0.3 * ((c + k) % 3)) + rng.normal(0, 0.3, (size, size))
-    rgb = np.clip(x * 40 + 128, 0, 255).astype(np.uint8)
-    with h5py.File(path, "w") as f:
-        f.attrs["format_version"] = 1
-        f.attrs["patch_size"] = size
-        f.attrs["class_names"] = ["a", "b", "c"]
-        f["rgb"] = rgb
-        f.attrs["mean_rgb"] = rgb.astype(np.float64).mean(axis=(0, 2, 3))
-        f.attrs["std_rgb"] = rgb.astype(np.float64).std(axis=(0, 2, 3))
-        f["label"] = labels.astype(np.int16)
-        f["classes"] = np.eye(3, dtype=np.uint8)[labels]
-    return path
 
 
 def write_plan(path: Path, cuts: list[int], replicas: list[int], method: str = "lite-srl",
