@@ -349,22 +349,20 @@ def evaluate(args: argparse.Namespace, runs: dict[str, dict]) -> list[dict]:
                   probe_weight_decays=parse_list(args.probe_weight_decay, "--probe-weight-decay",
                                                  float, 0.0),
                   probe_epochs=parse_list(args.probe_epochs, "--probe-epochs", int, 1), fit=fit)
-    folder = Path(args.out) / "eval_freeze"
-    rows = finished_report(folder, encoders)
-    if rows is None:
-        log(f"evaluating {len(encoders)} encoders (frozen) on split {split.digest()}")
-        rows = run_protocol(data, encoders, EvalSpec(
-            modes=("freeze",), fractions=parse_fractions(args.fractions), **common),
-            folder, split=split)
+    def protocol(mode: str, chosen: dict, fractions: str, **extra) -> list[dict]:
+        """One protocol run per mode, reused when it already finished in OUT/eval_<mode>."""
+        folder = Path(args.out) / f"eval_{mode}"
+        rows = finished_report(folder, chosen)
+        if rows is None:
+            log(f"{mode}: {len(chosen)} encoders on split {split.digest()}")
+            rows = run_protocol(data, chosen, EvalSpec(
+                modes=(mode,), fractions=parse_fractions(fractions), **extra, **common),
+                folder, split=split)
+        return rows
+
+    rows = protocol("freeze", encoders, args.fractions)
     if not args.no_finetune:
-        folder = Path(args.out) / "eval_finetune"
-        done = finished_report(folder, final)
-        if done is None:
-            log(f"fine-tuning {len(final)} encoders")
-            done = run_protocol(data, final, EvalSpec(
-                modes=("finetune",), fractions=parse_fractions(args.finetune_fractions),
-                knn_floor=False, **common), folder, split=split)
-        rows += done
+        rows += protocol("finetune", final, args.finetune_fractions, knn_floor=False)
     out = []
     for r in rows:
         info = meta.get(r["encoder"], {"method": r["encoder"], "minutes": "", "epoch": ""})
