@@ -67,8 +67,7 @@ def demo_data(folder: Path, scenes: int = 6) -> Path:
     if not data.exists():
         folder.mkdir(parents=True, exist_ok=True)
         sh(hpcsrl_cmd("synth", "--out", str(folder / "scenes"), "--scenes", str(scenes),
-                      "--size", "480",
-                      "--size-spread", "0.6", "--classes", "5", "--seed", "0"))
+                      "--size", "480", "--size-spread", "0.6", "--classes", "5", "--seed", "0"))
         sh(mpirun_cmd(2, [str(Path(PY).parent / "hpcsrl-preprocess"), "--input",
                           str(folder / "scenes"), "--output", str(data), "--patch-size", "48",
                           "--max-cloud", "0.3", "--force"]))

@@ -88,8 +88,7 @@ def main() -> int:
                 wall = sh(hpcsrl("pretrain", "--data", str(data), "--bands", "s2", "--method",
                                  "lite-srl", "--backbone", "resnet18", "--epochs", str(a.epochs),
                                  *common, *lr, "--precise-bn", "0", "--threads", "1",
-                                 "--no-progress",
-                                 "--seed", str(seed), "--out", str(out)))
+                                 "--no-progress", "--seed", str(seed), "--out", str(out)))
             ev = r / f"eval_{name}_s{seed}"
             sh(hpcsrl("evaluate", "--checkpoint", str(out / "checkpoint.pt"), "--data", str(data),
                       "--bands", "s2", "--mode", "freeze", "--label-fractions", "0.1,0.2",
