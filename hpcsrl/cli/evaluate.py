@@ -12,7 +12,12 @@ from pathlib import Path
 
 import numpy as np
 
-from hpcsrl.cli.pretrain import STEM_NAMES, add_split_arguments, split_options
+from hpcsrl.cli.pretrain import (
+    STEM_NAMES,
+    add_precision_argument,
+    add_split_arguments,
+    split_options,
+)
 from hpcsrl.errors import UserError
 from hpcsrl.log import get_logger
 
@@ -72,6 +77,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="t-SNE subsample size (default 2000)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch compute threads (1 when several jobs share the machine)")
+    add_precision_argument(p)
     p.add_argument("--out", required=True, help="output folder for report.csv and plots")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     add_split_arguments(p)
@@ -207,6 +213,7 @@ def run(args: argparse.Namespace) -> int:
     from hpcsrl.eval.report import format_table
     from hpcsrl.eval.train import FitConfig
     from hpcsrl.fileio import write_json
+    from hpcsrl.precision import check_precision
 
     torch.set_num_threads(args.threads)
     model, ckpt = _load_checkpoint(args)
@@ -231,7 +238,8 @@ def run(args: argparse.Namespace) -> int:
     fit = FitConfig(epochs=max(epochs), finetune_epochs=args.finetune_epochs,
                     batch_size=args.batch_size, lr=args.lr,
                     encoder_lr=args.encoder_lr, weight_decay=decays[0], seed=args.seed,
-                    augment=not args.no_augment, progress=not args.quiet)
+                    augment=not args.no_augment, progress=not args.quiet,
+                    precision=check_precision(args.precision))
     spec = EvalSpec(modes=modes, fractions=fractions, seed=args.seed,
                     max_samples=args.max_samples, knn_floor=not args.no_knn_floor,
                     tsne=not args.no_tsne, tsne_points=args.tsne_points, input_sizes=sizes,

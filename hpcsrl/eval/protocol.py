@@ -50,6 +50,7 @@ from hpcsrl.features.extract import (
 from hpcsrl.features.knn import knn_predict
 from hpcsrl.features.precise_bn import clean_batches, recalibrate
 from hpcsrl.fileio import write_json
+from hpcsrl.precision import autocast
 
 MODES = ("freeze", "finetune")
 KNN_NAME = "channel-stats"
@@ -123,8 +124,9 @@ def resized_encoders(encoders: Mapping[str, nn.Module], read: BatchReader, pool:
     out: dict[str, nn.Module] = {}
     for name, enc in encoders.items():
         wrapped = ResizedInput(copy.deepcopy(enc), size)
-        recalibrate(wrapped, wrapped,
-                    clean_batches(lambda i: as_tensor(read(i)), cal, spec.feature_batch))
+        with autocast(spec.fit.precision):
+            recalibrate(wrapped, wrapped,
+                        clean_batches(lambda i: as_tensor(read(i)), cal, spec.feature_batch))
         out[name] = wrapped.train(enc.training)
     return out
 
@@ -319,7 +321,8 @@ def run_protocol(data: LabelledData, encoders: Mapping[str, nn.Module], spec: Ev
         t0 = time.perf_counter()
         feats[size] = extract(sized[size], data.read, used, spec.feature_batch,
                               with_stats=spec.knn_floor and "channel_stats" not in
-                              next(iter(feats.values()), {}), progress=spec.fit.progress)
+                              next(iter(feats.values()), {}), progress=spec.fit.progress,
+                              precision=spec.fit.precision)
         log.info("features of %d samples from %d encoder(s) at %s in %.1f s", len(used),
                  len(encoders), size_label(size), time.perf_counter() - t0)
         for name, enc in sized[size].items():
@@ -368,7 +371,8 @@ def run_protocol(data: LabelledData, encoders: Mapping[str, nn.Module], spec: Ev
                     head = fine_tune(tuned, feats[size][name].shape[1], data.read, idx, labels,
                                      k, spec.fit, ml, init_feats=feats[size][name][rows_of(idx)])
                     vf = extract({name: tuned}, data.read, parts.val, spec.feature_batch,
-                                 with_stats=False, progress=spec.fit.progress)[name]
+                                 with_stats=False, progress=spec.fit.progress,
+                                 precision=spec.fit.precision)[name]
                     v = val_score(*predict(head, vf))
                     rec.candidate(name, "finetune", f, size_label(size), v,
                                   time.perf_counter() - tc)
@@ -376,7 +380,8 @@ def run_protocol(data: LabelledData, encoders: Mapping[str, nn.Module], spec: Ev
                         best = (val_score.key(v), size, tuned, head, v)
                 _, size, tuned, head, v = best
                 test_feats = extract({name: tuned}, data.read, parts.test, spec.feature_batch,
-                                     with_stats=False, progress=spec.fit.progress)[name] \
+                                     with_stats=False, progress=spec.fit.progress,
+                                     precision=spec.fit.precision)[name] \
                     if len(parts.test) else np.zeros((0, 1), np.float32)
                 test = test_score(*predict(head, test_feats))
                 rec.add(name, "finetune", f, len(idx), time.perf_counter() - t,

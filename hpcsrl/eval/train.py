@@ -17,6 +17,7 @@ from torch.nn import functional as F
 
 from hpcsrl.features.extract import BatchReader, as_tensor
 from hpcsrl.features.precise_bn import recalibrate
+from hpcsrl.precision import autocast
 from hpcsrl.progress import progress_bar
 from hpcsrl.schedules import CosineDecay
 
@@ -33,6 +34,7 @@ class FitConfig:
     augment: bool = True        # flips / 90-degree rotations while fine-tuning
     progress: bool = True
     cache_bytes: int = 1 << 30  # fine-tune inputs up to this size are read once and kept in memory
+    precision: str = "fp32"     # encoder forward passes (features, fine-tuning): hpcsrl.precision
 
 
 class Head(nn.Module):
@@ -191,7 +193,9 @@ def fine_tune(encoder: nn.Module, feature_dim: int, read: BatchReader, train_idx
             if cfg.augment:
                 x = augment_batch(x, gen)
             bt = torch.from_numpy(b)
-            loss = _loss(head(encoder(x).flatten(1)), y[bt], None if mh is None else mh[bt])
+            with autocast(cfg.precision):
+                f = encoder(x)
+            loss = _loss(head(f.flatten(1).float()), y[bt], None if mh is None else mh[bt])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -202,7 +206,8 @@ def fine_tune(encoder: nn.Module, feature_dim: int, read: BatchReader, train_idx
     # The running statistics trail weights that kept changing (after a short run they still mostly
     # describe the starting encoder): one clean pass makes them match the weights evaluated.
     n = len(train_idx)
-    recalibrate(encoder, encoder, (inputs(np.arange(s, min(n, s + cfg.batch_size)))
-                                   for s in range(0, n, cfg.batch_size)))
+    with autocast(cfg.precision):
+        recalibrate(encoder, encoder, (inputs(np.arange(s, min(n, s + cfg.batch_size)))
+                                       for s in range(0, n, cfg.batch_size)))
     encoder.eval()
     return head

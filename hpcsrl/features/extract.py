@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from hpcsrl.precision import autocast
 from hpcsrl.progress import progress_bar
 
 # Reads the input patches of the given (sorted) sample indices as (n, C, P, P) float32.
@@ -54,9 +55,10 @@ def channel_stats(x: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def extract(encoders: Mapping[str, nn.Module], read: BatchReader, indices: np.ndarray,
-            batch_size: int = 256, with_stats: bool = True, progress: bool = True
-            ) -> dict[str, np.ndarray]:
-    """Features of `indices` from every encoder (eval mode) and the channel statistics.
+            batch_size: int = 256, with_stats: bool = True, progress: bool = True,
+            precision: str = "fp32") -> dict[str, np.ndarray]:
+    """Features of `indices` from every encoder (eval mode, forward at `precision`, features
+    returned as float32) and the channel statistics.
 
     The data is read once and fed to all encoders, so floors cost no extra I/O. Returns a dict
     keyed by encoder name (plus "channel_stats"), rows in the order of `indices`.
@@ -73,7 +75,9 @@ def extract(encoders: Mapping[str, nn.Module], read: BatchReader, indices: np.nd
                               leave=False):
             x = as_tensor(read(indices[s:s + batch_size])).float()
             for name, enc in encoders.items():
-                out[name].append(enc(x).flatten(1).numpy())
+                with autocast(precision):
+                    f = enc(x)
+                out[name].append(f.flatten(1).float().numpy())
             if with_stats:
                 out["channel_stats"].append(channel_stats(x).numpy())
     finally:

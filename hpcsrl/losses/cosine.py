@@ -5,7 +5,10 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
+from hpcsrl.precision import full_precision
 
+
+@full_precision
 def negative_cosine(p: Tensor, z: Tensor) -> Tensor:
     """N(p, z) = -(p/|p|) . (z/|z|), averaged over the batch (Eq. 1). No stop-gradient here."""
     return -(F.normalize(p, dim=1) * F.normalize(z, dim=1)).sum(dim=1).mean()

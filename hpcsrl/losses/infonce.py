@@ -6,7 +6,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from hpcsrl.precision import full_precision
 
+
+@full_precision
 def moco_infonce(q: Tensor, k: Tensor, queue: Tensor, temperature: float = 0.2) -> Tensor:
     """Positive logit q.k, negatives q.queue (queue rows are normalised keys of earlier batches).
 

@@ -6,7 +6,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from hpcsrl.precision import full_precision
 
+
+@full_precision
 def nt_xent(z_a: Tensor, z_b: Tensor, temperature: float = 0.2) -> Tensor:
     """Cross-entropy over cosine similarities / temperature, averaged over all 2N anchors.
 

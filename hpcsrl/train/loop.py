@@ -40,6 +40,7 @@ from hpcsrl.fileio import atomic_path
 from hpcsrl.log import get_logger
 from hpcsrl.models.base import SSLMethod
 from hpcsrl.models.registry import PAIRED_MODALITY_METHODS, build_method
+from hpcsrl.precision import autocast, check_precision
 from hpcsrl.progress import progress_bar
 from hpcsrl.schedules import (
     SCHEDULES,
@@ -66,10 +67,12 @@ CHECKPOINT = "checkpoint.pt"
 # Options that must be unchanged for --resume to continue the same run.
 RESUME_KEYS = ("method", "backbone", "bands", "epochs", "batch_size", "input_size", "lr",
                "weight_decay", "momentum", "seed", "limit", "monitor_samples", "method_options",
-               "augment", "nesterov", "schedule", "warmup_epochs", "decay_epochs")
+               "augment", "nesterov", "schedule", "warmup_epochs", "decay_epochs", "precision")
 # Values of the schedule options in checkpoints written before they existed (one process).
 LEGACY_SCHEDULE = {"nesterov": False, "schedule": "cosine", "warmup_epochs": 0,
                    "decay_epochs": []}
+# Values of other options in checkpoints written before they existed.
+LEGACY_OPTIONS = {**LEGACY_SCHEDULE, "precision": "fp32"}
 
 
 @dataclass
@@ -99,6 +102,7 @@ class PretrainConfig:
     warmup_epochs: int | None = None    # linear warm-up from lr / ranks (default: schedules)
     decay_epochs: list[int] | None = None  # "step": epochs of each x0.1 (default 30/60/80 %)
     batches_per_allreduce: int = 1      # micro-batches (backward passes) per optimiser step
+    precision: str = "fp32"             # forward passes: fp32 or bf16 autocast (hpcsrl.precision)
 
     @property
     def base_lr(self) -> float:
@@ -244,6 +248,7 @@ class Pretrainer:
             self.lock.acquire()
         if cfg.schedule not in SCHEDULES:
             raise UserError(f"--schedule {cfg.schedule!r}: choose one of {', '.join(SCHEDULES)}")
+        check_precision(cfg.precision)
         if cfg.in_memory:
             dataset = MemoryPatches(dataset, progress=cfg.progress and self.rank0)
         self.ds, self.cfg = dataset, cfg
@@ -374,7 +379,7 @@ class Pretrainer:
 
     def _check_resume(self, path: Path, ckpt: dict[str, Any]) -> None:
         """Refuse a checkpoint made with other options, another model or other data."""
-        saved, now = {**LEGACY_SCHEDULE, **ckpt.get("pretrain", {})}, self._run_record()
+        saved, now = {**LEGACY_OPTIONS, **ckpt.get("pretrain", {})}, self._run_record()
         diff = [f"--{k.replace('_', '-')} {saved.get(k)!r} (now {now[k]!r})"
                 for k in RESUME_KEYS if saved.get(k) != now[k]]
         if ckpt.get("config") != self.model.config:
@@ -417,7 +422,7 @@ class Pretrainer:
         k = self.cfg.batches_per_allreduce
         return accumulated_step(self.opt, self.model,
                                 zip(x_a.chunk(k), x_b.chunk(k), strict=True), k,
-                                self.cfg.base_lr)
+                                self.cfg.base_lr, self.cfg.precision)
 
     def train_epoch(self, epoch: int) -> tuple[float, int, float, float]:
         """One pass over the shuffled training patches: (mean loss, images, seconds, last lr)."""
@@ -453,9 +458,10 @@ class Pretrainer:
         if n < 2:
             return
         idx = np.random.default_rng(seed_for(self.cfg.seed, 11)).permutation(self.train_idx)[:n]
-        recalibrate(self.model.embedding, self.model,
-                    clean_batches(lambda i: self.ds.read_batch(i)[0], idx,
-                                  max(2, 2 * self.cfg.batch_size)))
+        with autocast(self.cfg.precision):
+            recalibrate(self.model.embedding, self.model,
+                        clean_batches(lambda i: self.ds.read_batch(i)[0], idx,
+                                      max(2, 2 * self.cfg.batch_size)))
 
     @torch.no_grad()
     def monitor(self) -> tuple[float, float]:
@@ -468,7 +474,7 @@ class Pretrainer:
 
         feats = extract({"encoder": self.model.encoder, "embedding": _Embedding(self.model)},
                         read, self.monitor_idx, batch_size=max(2, self.cfg.batch_size),
-                        with_stats=False, progress=False)
+                        with_stats=False, progress=False, precision=self.cfg.precision)
         std = monitor.embedding_std(torch.from_numpy(feats["embedding"]))
         acc = float("nan")
         if len(self.query):

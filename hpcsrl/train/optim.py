@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from hpcsrl.errors import UserError
+from hpcsrl.precision import autocast
 from hpcsrl.schedules import CosineDecay
 
 
@@ -38,14 +39,16 @@ def make_scheduler(opt: torch.optim.Optimizer, total_steps: int,
 
 
 def accumulated_step(opt: torch.optim.Optimizer, loss_of: Callable[..., Tensor],
-                     parts: Iterable[tuple[Tensor, ...]], k: int, lr: float) -> Tensor:
+                     parts: Iterable[tuple[Tensor, ...]], k: int, lr: float,
+                     precision: str = "fp32") -> Tensor:
     """One optimiser step over k micro-batches (each loss / k, gradients summed, so data
-    parallelism allreduces once); a non-finite loss is a UserError naming `lr`. Returns the
-    mean local loss, detached."""
+    parallelism allreduces once), forward passes at `precision` (`hpcsrl.precision`); a
+    non-finite loss is a UserError naming `lr`. Returns the mean local loss, detached."""
     opt.zero_grad()  # set_to_none (torch's default; Horovod's takes no argument)
     total = torch.zeros(())
     for part in parts:
-        loss = loss_of(*part)
+        with autocast(precision):
+            loss = loss_of(*part)
         if not torch.isfinite(loss):
             raise UserError(f"loss became {loss.item()}: lower --lr (now {lr:g})")
         (loss if k == 1 else loss / k).backward()
