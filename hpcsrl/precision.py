@@ -1,11 +1,11 @@
 """Numeric precision of forward passes: fp32, or bfloat16 autocast on CPUs with native bf16.
 
-Why: on CPUs with AVX-512 BF16 (or AMX), oneDNN runs bf16 convolutions about twice as fast as fp32
-(this machine's AMD EPYC, `hpcsrl pretrain` of Lite-SRL, ResNet-18 with the small stem, 32-px
-views, batch 64, one thread: 43.2 vs 23.1 pairs/s). Autocast only lowers the inputs of matrix products and
-convolutions: weights, gradients, optimiser state, BatchNorm buffers and every loss stay fp32, so
-checkpoints, allreduce and exact resume work as in fp32. On a CPU without native bf16 the same
-ops are emulated and slower than fp32, which is refused rather than silently slow.
+Why: on CPUs with AVX-512 BF16 (or AMX), oneDNN runs bf16 convolutions about twice as fast as
+fp32 (this machine's AMD EPYC, `hpcsrl pretrain` of Lite-SRL, ResNet-18 with the small stem,
+32-px views, batch 64, one thread: 43.2 vs 23.1 pairs/s). Autocast only lowers the inputs of
+matrix products and convolutions: weights, gradients, optimiser state, BatchNorm buffers and
+every loss stay fp32, so checkpoints, allreduce and exact resume work as in fp32. On a CPU
+without native bf16 the same ops are emulated and slower than fp32: refused, not silently slow.
 """
 
 from __future__ import annotations

@@ -109,3 +109,14 @@ def test_autocast_fp32_changes_nothing():
     x = torch.randn(2, 4)
     with autocast("fp32"):
         assert torch.equal(lin(x), lin(x)) and lin(x).dtype == torch.float32
+
+
+@needs_bf16
+def test_multilabel_training_in_bf16(tmp_path):
+    from tests.test_train_cli import _args
+
+    data = _write_rgb_h5(tmp_path / "d.h5", n=48)
+    assert main([*_args(data, tmp_path / "run"), "--precision", "bf16"]) == 0
+    ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert ckpt["train"]["precision"] == "bf16"
+    assert all(t.dtype == torch.float32 for t in ckpt["model"].values() if t.is_floating_point())

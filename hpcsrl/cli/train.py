@@ -9,6 +9,7 @@ from pathlib import Path
 from hpcsrl.cli.pretrain import (
     BACKBONE_NAMES,
     add_parallel_arguments,
+    add_precision_argument,
     add_split_arguments,
     parse_decay_epochs,
     split_options,
@@ -45,6 +46,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="torch compute threads (default 1 under MPI/Slurm, else all cores)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_precision_argument(p)
     add_split_arguments(p)
     add_parallel_arguments(p, schedule="step", nesterov="on, as the seed")
 
@@ -100,7 +102,8 @@ def run(args: argparse.Namespace) -> int:
                          decay_epochs=decay, dropout=args.dropout, mixup=args.mixup,
                          seed=args.seed, threshold=args.threshold,
                          progress=not args.no_progress,
-                         batches_per_allreduce=args.batches_per_allreduce)
+                         batches_per_allreduce=args.batches_per_allreduce,
+                         precision=args.precision)
     try:
         ds, split = everywhere(dist, lambda: open_data(args, write_split=dist.is_writer))
         ClassTrainer(ds, split, cfg, args.out, resume=args.resume, init=args.init,

@@ -31,6 +31,7 @@ from hpcsrl.eval.train import augment_batch
 from hpcsrl.fileio import atomic_path
 from hpcsrl.log import get_logger
 from hpcsrl.models.resnet import ResNet
+from hpcsrl.precision import autocast, check_precision
 from hpcsrl.progress import progress_bar
 from hpcsrl.schedules import (
     SCHEDULES,
@@ -49,7 +50,7 @@ CHECKPOINT = "checkpoint.pt"
 LOG_COLUMNS = ("epoch", "loss", "lr", "val_f1_micro", "val_f1_macro", "seconds", "images_per_s")
 RESUME_KEYS = ("backbone", "bands", "epochs", "batch_size", "lr", "weight_decay", "momentum",
                "nesterov", "schedule", "warmup_epochs", "decay_epochs", "dropout", "mixup",
-               "seed")
+               "seed", "precision")
 
 
 @dataclass
@@ -71,6 +72,7 @@ class ClassifyConfig:
     threshold: float = 0.5          # sigmoid output -> label present
     progress: bool = True
     batches_per_allreduce: int = 1
+    precision: str = "fp32"         # forward passes: fp32 or bf16 autocast (hpcsrl.precision)
 
     @property
     def base_lr(self) -> float:
@@ -168,6 +170,7 @@ class ClassTrainer:
             self.lock.acquire()
         if cfg.schedule not in SCHEDULES:
             raise UserError(f"--schedule {cfg.schedule!r}: choose one of {', '.join(SCHEDULES)}")
+        check_precision(cfg.precision)
         if getattr(ds, "multi_hot", None) is None:
             raise UserError(f"{getattr(ds, 'path', 'the data')}: no `classes` dataset (multi-label "
                             "targets, N x K 0/1): hpcsrl train needs a file written from labelled "
@@ -209,7 +212,7 @@ class ClassTrainer:
         if not (resume and path.exists()):
             return None
         ckpt = read_checkpoint(path)
-        saved, now = ckpt.get("train", {}), self._record()
+        saved, now = {"precision": "fp32", **ckpt.get("train", {})}, self._record()
         diff = [f"--{k.replace('_', '-')} {saved.get(k)!r} (now {now[k]!r})"
                 for k in RESUME_KEYS if saved.get(k) != now[k]]
         if ckpt.get("config") != self.model.config or ckpt.get("split") != split.digest():
@@ -263,10 +266,10 @@ class ClassTrainer:
         k = self.cfg.batches_per_allreduce
 
         def bce(xi: Tensor, yi: Tensor) -> Tensor:
-            return F.binary_cross_entropy_with_logits(self.model(xi), yi)
+            return F.binary_cross_entropy_with_logits(self.model(xi).float(), yi)
 
         return accumulated_step(self.opt, bce, zip(x.chunk(k), y.chunk(k), strict=True), k,
-                                self.cfg.base_lr)
+                                self.cfg.base_lr, self.cfg.precision)
 
     def train_epoch(self, epoch: int) -> tuple[float, int, float, float]:
         cfg, rank = self.cfg, self.dist.rank
@@ -300,7 +303,9 @@ class ClassTrainer:
         self.model.eval()
         out = [np.zeros((0, self.targets.shape[1]), np.uint8)]
         for s in range(0, len(rows), batch):
-            prob = torch.sigmoid(self.model(self.read(rows[s:s + batch])[0]))
+            with autocast(self.cfg.precision):
+                logits = self.model(self.read(rows[s:s + batch])[0])
+            prob = torch.sigmoid(logits.float())
             out.append((prob > self.cfg.threshold).numpy().astype(np.uint8))
         return np.concatenate(out)
 
