@@ -59,7 +59,10 @@ def sh(cmd: Sequence[str], timeout: float = 3600) -> float:
     return time.perf_counter() - t0
 
 
-def demo_data(folder: Path, scenes: int = 6) -> Path:
+DEMO_SCENES = 6  # scripts/demo.sh's `hpcsrl synth --scenes`
+
+
+def demo_data(folder: Path, scenes: int = DEMO_SCENES) -> Path:
     """The demo's patches (`make demo`'s synthetic scenes, 12 Sentinel-2 bands, 48 px), made
     under `folder` when absent (scripts/demo.sh steps 1-2); `scenes` > 6 makes more scenes of
     the same kind (a larger test part for accuracy comparisons)."""

@@ -23,6 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
+    DEMO_SCENES,
     RESULTS,
     demo_data,
     load1,
@@ -48,7 +49,7 @@ def main() -> int:
     p.add_argument("--input-size", type=int, default=32)
     p.add_argument("--aggregate-every", type=int, default=10)
     p.add_argument("--eval-epochs", type=int, default=30)
-    p.add_argument("--scenes", type=int, default=6,
+    p.add_argument("--scenes", type=int, default=DEMO_SCENES,
                    help="synthetic scenes (6: the demo's file; more for a larger test part, "
                    "made under RUNS/data_N)")
     p.add_argument("--lr", type=float, default=None,
@@ -61,7 +62,7 @@ def main() -> int:
     a = p.parse_args()
     r = a.runs
     r.mkdir(parents=True, exist_ok=True)
-    data = demo_data(r if a.scenes == 6 else r / f"data_{a.scenes}", a.scenes)
+    data = demo_data(r if a.scenes == DEMO_SCENES else r / f"data_{a.scenes}", a.scenes)
     common = ["--batch-size", str(a.batch_size), "--input-size", str(a.input_size)]
     lr = ["--lr", str(a.lr)] if a.lr is not None else []
     prof, plan = r / "profile.json", r / "plan.json"

@@ -139,7 +139,7 @@ def check_run(o: DhpOptions, size: int) -> dict[str, Any]:
     from hpcsrl.data.splits import pretraining_patches
     from hpcsrl.models.registry import METHODS, build_method
     from hpcsrl.planning.quantities import format_bytes
-    from hpcsrl.train.batches import check_batch_size, epoch_batches, split_indices
+    from hpcsrl.train.batches import check_batch_size, epoch_batches, labels_of, split_indices
     from hpcsrl.train.checkpoint import read_checkpoint
     from hpcsrl.train.loop import PretrainConfig
 
@@ -235,7 +235,7 @@ def check_run(o: DhpOptions, size: int) -> dict[str, Any]:
         # `hpcsrl evaluate` scores the same test part and --resume refuses another split
         ds = pretraining_patches(o.data, o.bands, o.split or out / "split.json",
                                  o.split_options, o.pretrain_on)
-        train_idx = split_indices(len(ds), _labels(ds), cfg)[0]
+        train_idx = split_indices(len(ds), labels_of(ds), cfg)[0]
         check_batch_size(len(train_idx), batch)
     except UserError:
         lock.release()
@@ -289,10 +289,6 @@ def check_run(o: DhpOptions, size: int) -> dict[str, Any]:
 
 
 # --- helpers ---------------------------------------------------------------------------------
-def _labels(ds: Any) -> np.ndarray | None:
-    return np.asarray(ds.labels) if getattr(ds, "has_labels", False) else None
-
-
 def _peak_rss() -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
@@ -535,11 +531,11 @@ def _data_source(o: DhpOptions, cfg: Any, model: Any, steps_per_epoch: int,
     `rows`: the file rows pre-training reads (rank 0's split, sent in the run description so
     no rank needs OUT on a shared file system)."""
     from hpcsrl.data import PatchDataset
-    from hpcsrl.train.batches import epoch_batches, split_indices, view_generator
+    from hpcsrl.train.batches import epoch_batches, labels_of, split_indices, view_generator
     from hpcsrl.train.loop import view_transform, views
 
     ds = PatchDataset(o.data, bands=o.bands, indices=np.asarray(rows, dtype=np.int64))
-    train_idx = split_indices(len(ds), _labels(ds), cfg)[0]
+    train_idx = split_indices(len(ds), labels_of(ds), cfg)[0]
     transform = view_transform(ds, cfg)
     cache: dict[int, list[np.ndarray]] = {}
     chain_input = model.chain_input

@@ -27,6 +27,11 @@ def seed_for(*words: int) -> int:
     return int(np.random.SeedSequence(list(words)).generate_state(1)[0])
 
 
+def labels_of(dataset: Any) -> np.ndarray | None:
+    """The dataset's labels for the k-NN monitor, None when it has none."""
+    return np.asarray(dataset.labels) if getattr(dataset, "has_labels", False) else None
+
+
 def split_indices(n: int, labels: np.ndarray | None, cfg: SplitOptions
                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(train, monitor, knn bank, knn query) dataset positions.

@@ -52,6 +52,7 @@ from hpcsrl.schedules import (
 from hpcsrl.train.batches import (
     check_batch_size,
     epoch_batches,
+    labels_of,
     seed_for,
     shard,
     split_indices,
@@ -257,7 +258,7 @@ class Pretrainer:
             raise UserError(f"--method {cfg.method} pairs Sentinel-2 with Sentinel-1: it needs "
                             f"--bands s1s2 (got a {getattr(dataset, 'sensor', '?')} band set)")
         n = len(dataset)
-        labels = np.asarray(dataset.labels) if getattr(dataset, "has_labels", False) else None
+        labels = labels_of(dataset)
         self.train_idx, self.monitor_idx, self.bank, self.query = split_indices(n, labels, cfg)
         if len(self.train_idx) < 2:
             split = getattr(dataset, "split_record", None)
