@@ -55,6 +55,8 @@ class SyncBatchNorm(_BatchNorm):
                 x, self.running_mean, self.running_var, self.weight, self.bias,
                 self.training or not self.track_running_stats,
                 self._average_factor(), self.eps)
+        if x.dtype in (torch.bfloat16, torch.float16):
+            x = x.float()  # under autocast: statistics summed (and allreduced) in fp32
         dims = [0, *range(2, x.dim())]
         shape = [1, -1] + [1] * (x.dim() - 2)
         local_n = torch.tensor([x.numel() / x.shape[1]], dtype=x.dtype)

@@ -25,6 +25,7 @@ sys.path.insert(0, str(HERE))
 from horovod_steps import EXACT_CFG  # noqa: E402
 from test_pretrain import TensorPatches, _write_rgb_h5  # noqa: E402
 
+from hpcsrl.precision import native_bf16  # noqa: E402
 from hpcsrl.train.batches import view_generator  # noqa: E402
 from hpcsrl.train.loop import PretrainConfig, Pretrainer  # noqa: E402
 
@@ -232,3 +233,20 @@ def test_one_rank_checkpoint_resumes_under_two_ranks_then_train_inits_from_it(
                       timeout=600)
     assert "(2 ranks, mpi)" in trained.stderr and "test F1 micro" in trained.stderr, trained.stderr
     assert (tmp_path / "cls" / "test_f1.csv").is_file()
+
+
+@pytest.mark.skipif(not native_bf16(), reason="CPU without native bfloat16")
+@pytest.mark.parametrize("backend", ["mpi", "horovod"])
+def test_bf16_with_sync_bn_on_two_ranks(run_mpi, tmp_path: Path, backend: str) -> None:
+    """bf16 autocast under data parallelism: gradients and the SyncBatchNorm statistics are
+    allreduced in fp32 (bf16 activations are summed in fp32 first), the checkpoint is fp32."""
+    data = _write_rgb_h5(tmp_path / "d.h5", n=48)
+    out = tmp_path / "bf16"
+    done = run_mpi(2, [*_pretrain_args(data, out, 1), "--precision", "bf16", "--sync-bn",
+                       "--data-parallel", backend], timeout=600)
+    assert f"(2 ranks x 4, {backend})" in done.stderr, done.stderr
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert ckpt["pretrain"]["precision"] == "bf16"
+    assert all(t.dtype == torch.float32 for t in ckpt["model"].values() if t.is_floating_point())
+    with open(out / "log.csv") as f:
+        assert all(float(r["loss"]) == float(r["loss"]) for r in csv.DictReader(f))  # not NaN
