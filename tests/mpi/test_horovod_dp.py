@@ -242,7 +242,7 @@ def test_bf16_with_sync_bn_on_two_ranks(run_mpi, tmp_path: Path, backend: str) -
     allreduced in fp32 (bf16 activations are summed in fp32 first), the checkpoint is fp32."""
     data = _write_rgb_h5(tmp_path / "d.h5", n=48)
     out = tmp_path / "bf16"
-    done = run_mpi(2, [*_pretrain_args(data, out, 1), "--precision", "bf16", "--sync-bn",
+    done = run_mpi(2, [*_pretrain_args(data, out, 2), "--precision", "bf16", "--sync-bn",
                        "--data-parallel", backend], timeout=600)
     assert f"(2 ranks x 4, {backend})" in done.stderr, done.stderr
     ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
