@@ -15,6 +15,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from hpcsrl.precision import LOW
+
 Allreduce = Callable[[Tensor], Tensor]
 
 
@@ -55,7 +57,7 @@ class SyncBatchNorm(_BatchNorm):
                 x, self.running_mean, self.running_var, self.weight, self.bias,
                 self.training or not self.track_running_stats,
                 self._average_factor(), self.eps)
-        if x.dtype in (torch.bfloat16, torch.float16):
+        if x.dtype in LOW:
             x = x.float()  # under autocast: statistics summed (and allreduced) in fp32
         dims = [0, *range(2, x.dim())]
         shape = [1, -1] + [1] * (x.dim() - 2)
