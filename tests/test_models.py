@@ -239,6 +239,27 @@ def test_mid_stem_halves_once_without_max_pool():
     assert model.config["stem"] == "mid" and model_from_config(model.config).config == model.config
 
 
+def test_width_scales_every_stage_and_is_recorded():
+    """--width w: stages of w, 2w, 4w, 8w channels (feature_dim 8w); recorded only when not 64,
+    rebuilt from the config, and loadable from a checkpoint (the registry checks shapes)."""
+    net = ResNet("resnet18", 3, stem="small", width=32).eval()
+    assert net.feature_dim == 256 and net.width == 32
+    assert [n for n, _ in net.units()] == [n for n, _ in ResNet("resnet18", 3,
+                                                                 stem="small").units()]
+    assert net(torch.randn(2, 3, 16, 16)).shape == (2, 256)
+    # a BasicBlock's weights scale with width^2 (BN and the first conv linearly)
+    full = sum(p.numel() for p in ResNet("resnet18", 3, stem="small").parameters())
+    assert 0.24 * full < sum(p.numel() for p in net.parameters()) < 0.26 * full
+    assert ResNet("resnet50", 3, width=16).feature_dim == 512
+    model = build_method("lite-srl", stem="small", width=32)
+    assert model.config["width"] == 32 and model.encoder.feature_dim == 256
+    assert "width" not in build_method("lite-srl", stem="small").config
+    assert model_from_config(model.config).config == model.config
+    for bad in (0, 3, 1000, 2.5, True):
+        with pytest.raises(UserError, match="width"):
+            build_method("lite-srl", width=bad)
+
+
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_small_stem_is_recorded_and_rebuilt_for_every_method(method):
     torch.manual_seed(0)
@@ -272,11 +293,12 @@ def test_small_stem_profiles_plans_and_loads_in_evaluate(tmp_path, capsys):
     from test_eval import write_rgb_h5
 
     prof = tmp_path / "profile.json"
-    assert main(["profile", "--method", "lite-srl", "--stem", "small", "--input-size", "16",
+    assert main(["profile", "--method", "lite-srl", "--stem", "small", "--width", "16",
+                 "--input-size", "16",
                  "--batch-size", "2", "--repeats", "1", "--warmup", "0", "--threads", "1",
                  "--out", str(prof)]) == 0
     p = json.loads(prof.read_text())
-    assert "small" in json.dumps(p) and len(p["units"]) == 27
+    assert "small" in json.dumps(p) and "width-16" in p["model"] and len(p["units"]) == 27
     assert main(["plan", "--profile", str(prof), "--devices", "3", "--memory", "2GiB",
                  "--bandwidth", "1Gbit/s", "--out", str(tmp_path / "plan.json")]) == 0
     plan = json.loads((tmp_path / "plan.json").read_text())
@@ -285,7 +307,7 @@ def test_small_stem_profiles_plans_and_loads_in_evaluate(tmp_path, capsys):
     data = tmp_path / "chips.h5"
     write_rgb_h5(data, n=30, p=16)
     torch.manual_seed(0)
-    model = build_method("lite-srl", stem="small")
+    model = build_method("lite-srl", stem="small", width=16)
     write_checkpoint(tmp_path / "ckpt.pt", {"config": model.config, "model": model.state_dict(),
                                             "pretrain": {"bands": "rgb"}})
     out = tmp_path / "eval"

@@ -34,8 +34,8 @@ HERE = Path(__file__).resolve().parent
 METHODS = ("lite-srl", "simsiam")
 STUDY_COLUMNS = ("encoder", "method", "minutes", "epoch", "mode", "fraction", "val_oa", "oa",
                  "kappa", "macro_f1", "selected", "n_train", "n_val", "n_test")
-RECIPE_KEYS = ("methods", "backbone", "stem", "batch_size", "input_size", "lr", "augment",
-               "precise_bn", "monitor_samples", "minutes", "limit", "split_seed", "seed",
+RECIPE_KEYS = ("methods", "backbone", "stem", "width", "batch_size", "input_size", "lr",
+               "augment", "precise_bn", "monitor_samples", "minutes", "limit", "split_seed", "seed",
                "precision")
 
 
@@ -50,6 +50,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--backbone", default="resnet18")
     p.add_argument("--stem", default="small", choices=("imagenet", "small", "mid"),
                    help="ResNet stem (default small: 8x8 cells from a 64-px chip; mid: 4x4)")
+    p.add_argument("--width", type=int, default=64,
+                   help="ResNet first-stage channels (default 64; 32: ~3x the epochs per budget)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--input-size", type=int, default=32, help="view side in pixels")
     p.add_argument("--lr", type=float, default=0.05, help="SGD base lr (cosine)")
@@ -86,7 +88,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--split-seed", type=int, default=0)
     p.add_argument("--seed", type=int, default=0, help="model / data order / probe seed")
     p.add_argument("--pilot", default=None, metavar="K=V,..;K=V,..",
-                   help="candidate recipes (keys: stem, input_size, batch_size, lr, augment), "
+                   help="candidate recipes (keys: stem, width, input_size, batch_size, lr, "
+                   "augment), "
                    "each pre-trained with --pilot-method for --pilot-minutes and compared on "
                    "the validation part only; the best one is used for the budget run")
     p.add_argument("--pilot-minutes", type=float, default=15.0)
@@ -111,6 +114,8 @@ def pretrain_config(args: argparse.Namespace, method: str, epochs: int, limit: i
     from hpcsrl.train.loop import PretrainConfig
 
     options = {"stem": args.stem} if args.stem != "imagenet" else {}
+    if args.width != 64:
+        options["width"] = args.width
     return PretrainConfig(method=method, backbone=args.backbone, bands="rgb", epochs=epochs,
                           batch_size=args.batch_size, input_size=args.input_size, lr=args.lr,
                           seed=args.seed, limit=limit, monitor_samples=args.monitor_samples,
@@ -236,7 +241,8 @@ def pretrain_all(args: argparse.Namespace, methods: list[str]) -> dict[str, dict
     return run_workers(args, [(m, ["--worker", m], Path(args.out)) for m in methods])
 
 
-PILOT_KEYS = {"stem": str, "input_size": int, "batch_size": int, "lr": float, "augment": str}
+PILOT_KEYS = {"stem": str, "width": int, "input_size": int, "batch_size": int, "lr": float,
+              "augment": str}
 
 
 def parse_pilot(text: str) -> list[dict]:
@@ -347,7 +353,8 @@ def evaluate(args: argparse.Namespace, runs: dict[str, dict]) -> list[dict]:
         final[f"{m}@{run['snapshots'][-1]['minutes']:g}min"] = encoders[name]
     torch.manual_seed(args.seed)
     cfg = dict(config, method="lite-srl")
-    cfg = {k: v for k, v in cfg.items() if k in ("method", "backbone", "in_channels", "stem")}
+    cfg = {k: v for k, v in cfg.items()
+           if k in ("method", "backbone", "in_channels", "stem", "width")}
     encoders["random-init"] = final["random-init"] = model_from_config(cfg).encoder.eval()
     meta["random-init"] = {"method": "random-init", "minutes": 0, "epoch": 0}
     fit = FitConfig(epochs=max(parse_list(args.probe_epochs, "--probe-epochs", int, 1)),

@@ -13,9 +13,10 @@ from pathlib import Path
 import numpy as np
 
 from hpcsrl.cli.pretrain import (
-    STEM_NAMES,
     add_precision_argument,
+    add_shape_arguments,
     add_split_arguments,
+    shape_options,
     split_options,
 )
 from hpcsrl.errors import UserError
@@ -66,8 +67,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="evaluate only a randomly initialised encoder (no checkpoint)")
     p.add_argument("--method", default="lite-srl", help="architecture for --random-init")
     p.add_argument("--backbone", default="resnet18", help="backbone for --random-init")
-    p.add_argument("--stem", choices=STEM_NAMES, default="imagenet",
-                   help="ResNet stem for --random-init (a checkpoint records its own)")
+    add_shape_arguments(p, note=" (for --random-init: a checkpoint records its own)")
     p.add_argument("--no-random-floor", action="store_true",
                    help="skip the random-init encoder rows beside a checkpoint")
     p.add_argument("--no-knn-floor", action="store_true",
@@ -179,7 +179,7 @@ def _encoders(args: argparse.Namespace, model, ckpt: dict, channels: int, log) -
     if args.random_init or not args.no_random_floor:
         torch.manual_seed(args.seed)
         twin = (model_from_config(ckpt["config"]) if model is not None
-                else build_method(args.method, args.backbone, channels, stem=args.stem))
+                else build_method(args.method, args.backbone, channels, **shape_options(args)))
         encoders["random-init"] = twin.encoder
     for enc in encoders.values():
         enc.eval()

@@ -89,13 +89,32 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="read all patches into memory once (float32: 4 x bands x size^2 bytes "
                    "each) instead of an HDF5 read per batch")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--stem", choices=STEM_NAMES, default="imagenet", help=STEM_HELP)
+    add_shape_arguments(p)
     add_precision_argument(p)
     p.add_argument("--pretrain-on", choices=("pool", "all"), default="pool",
                    help="pool (default): never read the test or validation patches of the split; "
                    "all: include them deliberately (recorded in the checkpoint)")
     add_split_arguments(p)
     add_parallel_arguments(p, schedule="cosine")
+
+
+def add_shape_arguments(p: argparse.ArgumentParser, note: str = "") -> None:
+    """--stem and --width: the ResNet's shape, recorded in the model config (`note` ends both
+    helps, e.g. which model they apply to)."""
+    p.add_argument("--stem", choices=STEM_NAMES, default="imagenet", help=STEM_HELP + note)
+    p.add_argument("--width", type=int, default=64,
+                   help="channels of the ResNet's first stage, doubling per stage (default 64; 32 "
+                   "costs about a third per image, so a budget trains ~3x the epochs)" + note)
+
+
+def shape_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The non-default --stem/--width as build_method options (defaults stay out of configs)."""
+    options: dict[str, Any] = {}
+    if args.stem != "imagenet":
+        options["stem"] = args.stem
+    if args.width != 64:
+        options["width"] = args.width
+    return options
 
 
 def add_precision_argument(p: argparse.ArgumentParser) -> None:
@@ -211,8 +230,7 @@ def run(args: argparse.Namespace) -> int:
     from hpcsrl.train.lock import RunLock
     from hpcsrl.train.loop import PretrainConfig, Pretrainer
 
-    if args.stem != "imagenet":  # a backbone option: build_method records it in the config
-        options["stem"] = args.stem
+    options.update(shape_options(args))  # backbone options: build_method records them
     cfg = PretrainConfig(method=args.method, backbone=args.backbone, bands=args.bands,
                          epochs=args.epochs, batch_size=args.batch_size,
                          input_size=args.input_size, lr=args.lr, weight_decay=args.weight_decay,

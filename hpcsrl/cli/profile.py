@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import platform
 
-from hpcsrl.cli.pretrain import STEM_HELP, STEM_NAMES
+from hpcsrl.cli.pretrain import add_shape_arguments, shape_options
 from hpcsrl.errors import UserError
 from hpcsrl.log import get_logger
 
@@ -15,7 +15,7 @@ METHOD_HELP = "model registry method, e.g. lite-srl"
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", default="lite-srl", help=f"{METHOD_HELP} (default lite-srl)")
     p.add_argument("--backbone", default="resnet18", help="resnet18, resnet34 or resnet50")
-    p.add_argument("--stem", choices=STEM_NAMES, default="imagenet", help=STEM_HELP)
+    add_shape_arguments(p)
     p.add_argument("--bands", type=int, default=3, help="input channels (default 3)")
     p.add_argument("--input-size", type=int, default=224, help="square patch side in pixels")
     p.add_argument("--batch-size", type=int, default=64,
@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
             raise UserError("--threads must be at least 1")
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    model = build_method(args.method, args.backbone, args.bands, stem=args.stem)
+    model = build_method(args.method, args.backbone, args.bands, **shape_options(args))
     model.train()
     shape = (args.batch_size, args.bands, args.input_size, args.input_size)
     x_a, x_b = torch.randn(shape), torch.randn(shape)
@@ -61,11 +61,13 @@ def run(args: argparse.Namespace) -> int:
                              args.warmup, args.time_scale, progress=True)
     profile = Profile(
         model=f"{args.method}/{args.backbone}" + ("" if args.stem == "imagenet" else
-                                                  f"/{args.stem}-stem"),
+                                                  f"/{args.stem}-stem")
+        + ("" if args.width == 64 else f"/width-{args.width}"),
         batch_size=args.batch_size,
         input_shape=[args.bands, args.input_size, args.input_size], optimizer=args.optimizer,
         units=measured,
         extra={"method": args.method, "backbone": args.backbone, "stem": args.stem,
+               "width": args.width,
                "repeats": args.repeats,
                "warmup": args.warmup, "time_scale": args.time_scale,
                "threads": torch.get_num_threads(), "torch": torch.__version__,

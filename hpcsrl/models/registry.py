@@ -14,7 +14,7 @@ from hpcsrl.models.baselines.moco_v2 import MoCoV2
 from hpcsrl.models.baselines.simclr import SimCLR
 from hpcsrl.models.baselines.simsiam import SimSiam
 from hpcsrl.models.lite_srl import LiteSRL
-from hpcsrl.models.resnet import BACKBONES, DEFAULT_STEM, backbone_stem, check_stem
+from hpcsrl.models.resnet import BACKBONES, DEFAULT_STEM, DEFAULT_WIDTH, backbone_shape
 
 METHODS: dict[str, type[SSLMethod]] = {
     cls.method: cls for cls in (LiteSRL, SimSiam, BYOL, SimCLR, MoCoV2, DualSimCLR)
@@ -31,9 +31,10 @@ def method_options(name: str) -> dict[str, Any]:
 
 
 def build_method(name: str, backbone: str = "resnet18", in_channels: int = 3,
-                 stem: str = DEFAULT_STEM, **kw: Any) -> SSLMethod:
-    """A fresh model; unknown method, backbone, stem or option -> UserError listing the valid
-    ones. A non-default `stem` (every ResNet of the method) is recorded in `model.config`."""
+                 stem: str = DEFAULT_STEM, width: int = DEFAULT_WIDTH, **kw: Any) -> SSLMethod:
+    """A fresh model; unknown method, backbone, stem, width or option -> UserError listing the
+    valid ones. A non-default `stem` or `width` (every ResNet of the method) is recorded in
+    `model.config`."""
     if name not in METHODS:
         raise UserError(f"unknown method {name!r}: choose one of {', '.join(METHODS)}")
     if backbone not in BACKBONES:
@@ -43,10 +44,13 @@ def build_method(name: str, backbone: str = "resnet18", in_channels: int = 3,
     if bad:
         raise UserError(f"method {name!r} has no option {', '.join(bad)}: valid options are "
                         f"{', '.join(valid) or 'none'}")
-    with backbone_stem(check_stem(stem)):
+    with backbone_shape(stem, width):
         model = METHODS[name](backbone=backbone, in_channels=in_channels, **kw)
-    if stem != DEFAULT_STEM:  # absent = imagenet, so configs written before stems still match
+    # absent = the default, so configs written before stems and widths still match
+    if stem != DEFAULT_STEM:
         model.config["stem"] = stem
+    if width != DEFAULT_WIDTH:
+        model.config["width"] = width
     return model
 
 
