@@ -508,7 +508,7 @@ def test_eurosat_benchmark_smoke(tmp_path):
                        "--precise-bn", "8", "--monitor-samples", "8", "--probe-epochs", "2",
                        "--probe-weight-decay", "0,1e-3", "--finetune-epochs", "1",
                        "--fractions", "0.2,0.5", "--finetune-fractions", "0.5",
-                       "--pilot", "lr=0.01;lr=0.05", "--pilot-minutes", "0.02"]) == 0
+                       "--pilot", "lr=0.01;width=16", "--pilot-minutes", "0.02"]) == 0
     rows = read_csv(out / "study.csv")
     encoders = {r["encoder"] for r in rows}
     assert {"random-init", "channel-stats"} <= encoders
@@ -519,12 +519,14 @@ def test_eurosat_benchmark_smoke(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["split"]["digest"] == json.loads((out / "split.json").read_text())["digest"]
     pilot = summary["pilot"]  # the recipe chosen on validation (the pilot never scores test)
-    assert {c["recipe"] for c in pilot["candidates"]} == {"lr=0.01", "lr=0.05"}
-    assert summary["recipe"]["lr"] == pilot["chosen"]["lr"]
+    assert {c["recipe"] for c in pilot["candidates"]} == {"lr=0.01", "width=16"}
+    chosen = summary["recipe"]
+    assert all(chosen[k] == v for k, v in pilot["chosen"].items())
+    ckpt = torch.load(out / "pretrain" / "lite-srl" / "run" / "checkpoint.pt", weights_only=False)
+    assert ckpt["config"].get("width", 64) == chosen["width"]  # 32 by default, 16 if it won
     assert pilot["chosen_val_oa"] == max(c["val_oa"] for c in pilot["candidates"])
     pilot_rows = read_csv(out / "pilot" / "eval" / "report.csv")
     assert all(r["oa"] in ("", "nan") and r["val_oa"] for r in pilot_rows), pilot_rows
-    ckpt = torch.load(out / "pretrain" / "lite-srl" / "run" / "checkpoint.pt", weights_only=False)
     assert ckpt["data"]["split"]["pretrain_on"] == "pool"
 
 
