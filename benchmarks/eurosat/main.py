@@ -112,11 +112,10 @@ def recipe(args: argparse.Namespace) -> dict:
 
 # ------------------------------------------------------------------------------- pre-training
 def pretrain_config(args: argparse.Namespace, method: str, epochs: int, limit: int | None):
+    from hpcsrl.cli.pretrain import shape_options
     from hpcsrl.train.loop import PretrainConfig
 
-    options = {"stem": args.stem} if args.stem != "imagenet" else {}
-    if args.width != 64:
-        options["width"] = args.width
+    options = shape_options(args)
     return PretrainConfig(method=method, backbone=args.backbone, bands="rgb", epochs=epochs,
                           batch_size=args.batch_size, input_size=args.input_size, lr=args.lr,
                           seed=args.seed, limit=limit, monitor_samples=args.monitor_samples,
