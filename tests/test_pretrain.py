@@ -16,7 +16,7 @@ from hpcsrl.augment.views import AUGMENT_PRESETS
 from hpcsrl.cli import pretrain as pretrain_cli
 from hpcsrl.cli.main import main
 from hpcsrl.errors import UserError
-from hpcsrl.features.precise_bn import recalibrate
+from hpcsrl.features.precise_bn import clean_batches, recalibrate
 from hpcsrl.models.registry import METHODS, build_method, model_from_checkpoint
 from hpcsrl.models.resnet import BACKBONES, STEMS
 from hpcsrl.train.loop import LOG_COLUMNS, MemoryPatches, PretrainConfig, Pretrainer
@@ -282,6 +282,21 @@ def test_precise_bn_is_the_exact_average_and_leaves_other_layers():
     assert torch.allclose(used.running_mean, want, atol=1e-6)
     assert used.momentum == 0.1 and not model.training
     assert torch.all(unused.running_mean == 5.0)
+
+
+def test_precise_bn_batches_are_class_mixed_on_a_class_ordered_file():
+    """A file stored class by class (EuroSAT): statistics from consecutive indices would hold one
+    class per batch and a variance ~100x too small; clean_batches draws random batches, so the
+    running variance is the population's (~1.01 here)."""
+    labels = np.repeat([0, 1], 128)
+    x = torch.from_numpy(np.where(labels == 0, -1.0, 1.0)).float()[:, None, None, None]
+    x = x + 0.1 * torch.randn(len(x), 1, 2, 2, generator=torch.Generator().manual_seed(0))
+    bn = torch.nn.BatchNorm2d(1)
+    recalibrate(bn, bn, clean_batches(lambda i: x[torch.from_numpy(i)], np.arange(len(x)), 32))
+    assert 0.9 < float(bn.running_var) < 1.1
+    sorted_bn = torch.nn.BatchNorm2d(1)
+    recalibrate(sorted_bn, sorted_bn, (x[s:s + 32] for s in range(0, len(x), 32)))
+    assert float(sorted_bn.running_var) < 0.05  # what the old sorted chunks measured
 
 
 # ------------------------------------------------------------------ hardening (issue 12)

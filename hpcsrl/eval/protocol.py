@@ -331,6 +331,7 @@ def run_protocol(data: LabelledData, encoders: Mapping[str, nn.Module], spec: Ev
     epochs_grid = spec.probe_epochs or (spec.fit.epochs,)
 
     for name, enc in encoders.items():
+        probes: dict[tuple[float, int | None], Head] = {}  # (fraction, size) -> chosen probe
         if spec.tsne and len(parts.test):
             _tsne(feats[first][name][test_rows], labels[parts.test], data.class_names,
                   f"t-SNE of frozen {name} features (test set)", out / f"tsne_{slug(name)}.png",
@@ -354,6 +355,7 @@ def run_protocol(data: LabelledData, encoders: Mapping[str, nn.Module], spec: Ev
                     heads.append(head)
                 b = _best(tried)
                 size, wd, ep = grid[b]
+                probes[(f, size)] = heads[b]
                 v = val_score(*predict(heads[b], feats[size][name][val_rows]))
                 test = test_score(*predict(heads[b], feats[size][name][test_rows]))
                 rec.add(name, "freeze", f, len(idx), time.perf_counter() - t,
@@ -368,8 +370,14 @@ def run_protocol(data: LabelledData, encoders: Mapping[str, nn.Module], spec: Ev
                 for size in spec.input_sizes:
                     tc = time.perf_counter()
                     tuned = copy.deepcopy(sized[size][name])
+                    start = None
+                    if spec.fit.finetune_head == "probe":
+                        start = probes.get((f, size)) or fit_linear(
+                            feats[size][name][rows_of(idx)], labels[idx], k, spec.fit,
+                            None if ml is None else ml[idx])
                     head = fine_tune(tuned, feats[size][name].shape[1], data.read, idx, labels,
-                                     k, spec.fit, ml, init_feats=feats[size][name][rows_of(idx)])
+                                     k, spec.fit, ml, init_feats=feats[size][name][rows_of(idx)],
+                                     head=start)
                     vf = extract({name: tuned}, data.read, parts.val, spec.feature_batch,
                                  with_stats=False, progress=spec.fit.progress,
                                  precision=spec.fit.precision)[name]

@@ -7,6 +7,7 @@ multi-label, so one run yields both kinds of metric.
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 
@@ -16,7 +17,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from hpcsrl.features.extract import BatchReader, as_tensor
-from hpcsrl.features.precise_bn import recalibrate
+from hpcsrl.features.precise_bn import clean_batches, recalibrate
 from hpcsrl.precision import autocast
 from hpcsrl.progress import progress_bar
 from hpcsrl.schedules import CosineDecay
@@ -35,6 +36,7 @@ class FitConfig:
     progress: bool = True
     cache_bytes: int = 1 << 30  # fine-tune inputs up to this size are read once and kept in memory
     precision: str = "fp32"     # encoder forward passes (features, fine-tuning): hpcsrl.precision
+    finetune_head: str = "probe"  # fine-tuning starts from "probe" (a fitted probe) or "new"
 
 
 class Head(nn.Module):
@@ -156,12 +158,16 @@ class _TrainInputs:
 
 def fine_tune(encoder: nn.Module, feature_dim: int, read: BatchReader, train_idx: np.ndarray,
               labels: np.ndarray, n_classes: int, cfg: FitConfig,
-              multi_hot: np.ndarray | None = None, init_feats: np.ndarray | None = None) -> Head:
+              multi_hot: np.ndarray | None = None, init_feats: np.ndarray | None = None,
+              head: Head | None = None) -> Head:
     """Train encoder and head(s) together (in place on `encoder`); returns the head.
 
     `labels` / `multi_hot` are indexed by sample index (whole-dataset arrays); `train_idx` are the
     sample indices to train on. `init_feats` (the untouched encoder's features of `train_idx`)
-    fix the head's standardiser so the starting feature scale does not matter.
+    fix the head's standardiser so the starting feature scale does not matter. `head`, when
+    given, is the starting head (a copy is trained): a fitted linear probe there is "LP-FT"
+    (Kumar et al., ICLR 2022), which keeps a short fine-tune from first dragging good features
+    towards a random head's gradients.
     """
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
@@ -170,9 +176,12 @@ def fine_tune(encoder: nn.Module, feature_dim: int, read: BatchReader, train_idx
     y = torch.from_numpy(np.asarray(labels, dtype=np.int64)[train_idx])
     mh = None if multi_hot is None else torch.from_numpy(
         np.asarray(multi_hot, np.float32)[train_idx])
-    head = Head(feature_dim, n_classes, 0 if mh is None else mh.shape[1])
-    if init_feats is not None:
-        head.set_standardiser(torch.from_numpy(np.ascontiguousarray(init_feats)).float())
+    if head is not None:
+        head = copy.deepcopy(head)
+    else:
+        head = Head(feature_dim, n_classes, 0 if mh is None else mh.shape[1])
+        if init_feats is not None:
+            head.set_standardiser(torch.from_numpy(np.ascontiguousarray(init_feats)).float())
     inputs = _TrainInputs(read, train_idx, cfg.cache_bytes)
     opt = torch.optim.Adam([
         {"params": encoder.parameters(), "lr": cfg.encoder_lr},
@@ -205,9 +214,8 @@ def fine_tune(encoder: nn.Module, feature_dim: int, read: BatchReader, train_idx
     bar.close()
     # The running statistics trail weights that kept changing (after a short run they still mostly
     # describe the starting encoder): one clean pass makes them match the weights evaluated.
-    n = len(train_idx)
     with autocast(cfg.precision):
-        recalibrate(encoder, encoder, (inputs(np.arange(s, min(n, s + cfg.batch_size)))
-                                       for s in range(0, n, cfg.batch_size)))
+        recalibrate(encoder, encoder, clean_batches(inputs, np.arange(len(train_idx)),
+                                                    cfg.batch_size, cfg.seed))
     encoder.eval()
     return head

@@ -58,7 +58,15 @@ def recalibrate(forward: Callable[[Tensor], Tensor], module: nn.Module,
 
 
 def clean_batches(read: Callable[[np.ndarray], Tensor], indices: np.ndarray,
-                  batch_size: int) -> Iterable[Tensor]:
-    """Un-augmented patches of `indices` (sorted chunks), as float tensors."""
-    for s in range(0, len(indices), batch_size):
-        yield read(np.sort(indices[s:s + batch_size])).float()
+                  batch_size: int, seed: int = 0) -> Iterable[Tensor]:
+    """Un-augmented patches of `indices` as float tensors, in batches drawn in a seeded random
+    order (each batch read in sorted order).
+
+    BatchNorm's running variance is the average of per-batch variances, so the batches must be
+    random draws: consecutive indices of a file stored class by class (EuroSAT is) hold one
+    class each, whose spread is far below the population's (measured on EuroSAT: a frozen
+    probe at 0.737 fell to 0.598 after statistics from such batches).
+    """
+    order = np.asarray(indices)[np.random.default_rng(seed).permutation(len(indices))]
+    for s in range(0, len(order), batch_size):
+        yield read(np.sort(order[s:s + batch_size])).float()
