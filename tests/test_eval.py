@@ -314,6 +314,22 @@ def test_fine_tune_recalibrates_batchnorm_to_the_final_weights():
     assert bn.momentum == 0.1  # the layer's own setting is restored
 
 
+def test_fine_tune_starts_from_the_given_probe_and_leaves_it_untouched():
+    """LP-FT: with zero learning rates the fine-tuned head is the probe itself (a copy)."""
+    x, y = separable_images(n_per_class=8)
+    enc = TinyEncoder().eval()
+    feats = extract({"e": enc}, array_reader(x), np.arange(24), with_stats=False,
+                    progress=False)["e"]
+    probe = fit_linear(feats, y[:24], 3, FitConfig(epochs=5, progress=False))
+    before = copy.deepcopy(probe.state_dict())
+    head = fine_tune(copy.deepcopy(enc), 8, array_reader(x), np.arange(24), y, 3,
+                     FitConfig(epochs=2, batch_size=8, lr=0.0, encoder_lr=0.0, progress=False),
+                     init_feats=feats, head=probe)
+    assert head is not probe
+    for k, v in probe.state_dict().items():
+        assert torch.equal(v, before[k]) and torch.equal(head.state_dict()[k], v)
+
+
 def test_fine_tune_reads_per_batch_when_the_cache_is_too_small():
     x, y = separable_images(n_per_class=10)
     seen: list[int] = []

@@ -49,6 +49,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weight-decay", default="0", metavar="WD[,WD...]",
                    help="Adam weight decay of the linear probe; a list is chosen from on "
                    "validation (fine-tuning uses the first; default 0)")
+    p.add_argument("--finetune-head", choices=("probe", "new"), default="probe",
+                   help="fine-tuning starts from a linear probe fitted on the frozen features "
+                   "(LP-FT, default: a short fine-tune then refines good features instead of "
+                   "first bending them towards a random head) or from a new random head")
     p.add_argument("--no-augment", action="store_true",
                    help="no flips/rotations while fine-tuning")
     p.add_argument("--seed", type=int, default=0, help="initialisation and shuffling seed")
@@ -238,7 +242,8 @@ def run(args: argparse.Namespace) -> int:
     fit = FitConfig(epochs=max(epochs), finetune_epochs=args.finetune_epochs,
                     batch_size=args.batch_size, lr=args.lr,
                     encoder_lr=args.encoder_lr, weight_decay=decays[0], seed=args.seed,
-                    augment=not args.no_augment, progress=not args.quiet,
+                    augment=not args.no_augment, finetune_head=args.finetune_head,
+                    progress=not args.quiet,
                     precision=check_precision(args.precision))
     spec = EvalSpec(modes=modes, fractions=fractions, seed=args.seed,
                     max_samples=args.max_samples, knn_floor=not args.no_knn_floor,
