@@ -34,9 +34,12 @@ HERE = Path(__file__).resolve().parent
 METHODS = ("lite-srl", "simsiam")
 STUDY_COLUMNS = ("encoder", "method", "minutes", "epoch", "mode", "fraction", "val_oa", "oa",
                  "kappa", "macro_f1", "selected", "n_train", "n_val", "n_test")
-RECIPE_KEYS = ("methods", "backbone", "stem", "width", "batch_size", "input_size", "lr",
-               "augment", "precise_bn", "monitor_samples", "minutes", "limit", "split_seed", "seed",
-               "precision")
+# What one method's pre-training depends on: a finished run is reused when these match, so a
+# study can add a method later (`--jobs 1 --threads 2`: each method gets the whole machine for
+# the budget, one after another, possibly in separate sessions).
+RECIPE_KEYS = ("backbone", "stem", "width", "batch_size", "input_size", "lr", "augment",
+               "precise_bn", "monitor_samples", "minutes", "limit", "split_seed", "seed",
+               "precision", "threads", "jobs")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -490,7 +493,8 @@ def main(argv: list[str] | None = None) -> int:
     plot(out / "oa_vs_minutes.png", rows, max(r["minutes"] for r in runs.values()))
     finals = {m: f"{m}@{r['snapshots'][-1]['minutes']:g}min" for m, r in runs.items()}
     summary = {
-        "budget_minutes": args.minutes, "recipe": recipe(args), "split": split.record(),
+        "budget_minutes": args.minutes, "methods": methods, "recipe": recipe(args),
+        "split": split.record(),
         "pilot": chosen,
         "pretrain": {m: {k: r[k] for k in ("epochs_planned", "epochs_done", "truncated",
                                             "minutes", "images_per_s", "n_pool_trained")}
