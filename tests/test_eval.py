@@ -330,6 +330,35 @@ def test_fine_tune_starts_from_the_given_probe_and_leaves_it_untouched():
         assert torch.equal(v, before[k]) and torch.equal(head.state_dict()[k], v)
 
 
+def test_fine_tune_alone_starts_from_the_probe_chosen_on_validation(tmp_path, monkeypatch):
+    """Without a freeze run beside it, the starting probe is still chosen over the probe grid on
+    validation, not fitted with the default weight decay (here a ruinous one)."""
+    from dataclasses import replace
+
+    import hpcsrl.eval.protocol as protocol
+
+    x, y = separable_images()
+    fitted, starts = [], []
+
+    def tagged_fit(*a, **kw):
+        head = fit_linear(*a, **kw)
+        head.weight_decay = a[3].weight_decay
+        fitted.append(head.weight_decay)
+        return head
+
+    def spy_fine_tune(*a, head=None, **kw):
+        starts.append(head)
+        return fine_tune(*a, head=head, **kw)
+
+    monkeypatch.setattr(protocol, "fit_linear", tagged_fit)
+    monkeypatch.setattr(protocol, "fine_tune", spy_fine_tune)
+    spec = EvalSpec(modes=("finetune",), fractions=(0.5,), tsne=False, knn_floor=False,
+                    probe_weight_decays=(0.0, 1e4), fit=replace(FAST, weight_decay=1e4))
+    run_protocol(LabelledData(array_reader(x), y, ["a", "b", "c"]), {"tiny": TinyEncoder()},
+                 spec, tmp_path)
+    assert sorted(fitted) == [0.0, 1e4] and [h.weight_decay for h in starts] == [0.0]
+
+
 def test_fine_tune_reads_per_batch_when_the_cache_is_too_small():
     x, y = separable_images(n_per_class=10)
     seen: list[int] = []

@@ -14,7 +14,7 @@ import itertools
 import logging
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -330,6 +330,27 @@ def run_protocol(data: LabelledData, encoders: Mapping[str, nn.Module], spec: Ev
     first = spec.input_sizes[0]
     epochs_grid = spec.probe_epochs or (spec.fit.epochs,)
 
+    def choose_probe(name: str, f: float, idx: np.ndarray, sizes: Sequence[int | None],
+                     record: bool) -> tuple[Head, tuple[int | None, float, int]]:
+        """The linear probe of `name` on the labelled subset `idx` whose (input size, weight
+        decay, epochs) scores best on validation; `record` lists the candidates in the report."""
+        grid = list(itertools.product(sizes, spec.probe_weight_decays, epochs_grid))
+        tried: list[tuple[float, int]] = []
+        heads: list[Head] = []
+        for size, wd, ep in grid:
+            tc = time.perf_counter()
+            cfg = replace(spec.fit, weight_decay=wd, epochs=ep)
+            head = fit_linear(feats[size][name][rows_of(idx)], labels[idx], k, cfg,
+                              None if ml is None else ml[idx])
+            v = val_score(*predict(head, feats[size][name][val_rows]))
+            if record:
+                rec.candidate(name, "freeze", f, _setting(size, wd, ep), v,
+                              time.perf_counter() - tc)
+            tried.append((val_score.key(v), len(tried)))
+            heads.append(head)
+        b = _best(tried)
+        return heads[b], grid[b]
+
     for name, enc in encoders.items():
         probes: dict[tuple[float, int | None], Head] = {}  # (fraction, size) -> chosen probe
         if spec.tsne and len(parts.test):
@@ -337,29 +358,15 @@ def run_protocol(data: LabelledData, encoders: Mapping[str, nn.Module], spec: Ev
                   f"t-SNE of frozen {name} features (test set)", out / f"tsne_{slug(name)}.png",
                   spec)
         if "freeze" in spec.modes:
-            grid = list(itertools.product(spec.input_sizes, spec.probe_weight_decays,
-                                          epochs_grid))
+            n_grid = len(spec.input_sizes) * len(spec.probe_weight_decays) * len(epochs_grid)
             for f, idx in parts.train.items():
                 t = time.perf_counter()
-                tried: list[tuple[float, int]] = []
-                heads: list[Head] = []
-                for size, wd, ep in grid:
-                    tc = time.perf_counter()
-                    cfg = replace(spec.fit, weight_decay=wd, epochs=ep)
-                    head = fit_linear(feats[size][name][rows_of(idx)], labels[idx], k, cfg,
-                                      None if ml is None else ml[idx])
-                    v = val_score(*predict(head, feats[size][name][val_rows]))
-                    setting = _setting(size, wd, ep)
-                    rec.candidate(name, "freeze", f, setting, v, time.perf_counter() - tc)
-                    tried.append((val_score.key(v), len(tried)))
-                    heads.append(head)
-                b = _best(tried)
-                size, wd, ep = grid[b]
-                probes[(f, size)] = heads[b]
-                v = val_score(*predict(heads[b], feats[size][name][val_rows]))
-                test = test_score(*predict(heads[b], feats[size][name][test_rows]))
+                head, (size, wd, ep) = choose_probe(name, f, idx, spec.input_sizes, True)
+                probes[(f, size)] = head
+                v = val_score(*predict(head, feats[size][name][val_rows]))
+                test = test_score(*predict(head, feats[size][name][test_rows]))
                 rec.add(name, "freeze", f, len(idx), time.perf_counter() - t,
-                        _setting(size, wd, ep), len(grid), v, test)
+                        _setting(size, wd, ep), n_grid, v, test)
             for size in spec.input_sizes:
                 verify_unchanged(sized[size][name], sized_digests[size][name],
                                  f"encoder {name!r}")
@@ -371,10 +378,9 @@ def run_protocol(data: LabelledData, encoders: Mapping[str, nn.Module], spec: Ev
                     tc = time.perf_counter()
                     tuned = copy.deepcopy(sized[size][name])
                     start = None
-                    if spec.fit.finetune_head == "probe":
-                        start = probes.get((f, size)) or fit_linear(
-                            feats[size][name][rows_of(idx)], labels[idx], k, spec.fit,
-                            None if ml is None else ml[idx])
+                    if spec.fit.finetune_head == "probe":  # the freeze mode's, else chosen now
+                        start = probes.get((f, size)) or choose_probe(name, f, idx, (size,),
+                                                                      False)[0]
                     head = fine_tune(tuned, feats[size][name].shape[1], data.read, idx, labels,
                                      k, spec.fit, ml, init_feats=feats[size][name][rows_of(idx)],
                                      head=start)
