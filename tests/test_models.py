@@ -303,6 +303,7 @@ def test_small_stem_profiles_plans_and_loads_in_evaluate(tmp_path, capsys):
                  "--bandwidth", "1Gbit/s", "--out", str(tmp_path / "plan.json")]) == 0
     plan = json.loads((tmp_path / "plan.json").read_text())
     assert len(plan["stages"]) == 3 and "small" in plan["model"]
+    assert plan["model_options"] == {"stem": "small", "width": 16}  # what `hpcsrl dhp` builds
 
     data = tmp_path / "chips.h5"
     write_rgb_h5(data, n=30, p=16)

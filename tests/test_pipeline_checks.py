@@ -94,3 +94,24 @@ def test_existing_run_needs_resume(files) -> None:
     files["out"].mkdir()
     (files["out"] / "checkpoint.pt").write_bytes(b"x")
     _refused(_opts(files), 6, "pass --resume")
+
+
+def test_the_plan_gives_the_model_shape(files, tmp_path) -> None:
+    """A small-stem, half-width plan builds that model on every rank (no --stem / --width for
+    `hpcsrl dhp`: the plan was profiled for one shape); plans that do not say so are refused."""
+    shaped = {"stem": "small", "width": 32}
+    plan = write_plan(tmp_path / "small.json", cuts=[6, 16], replicas=[3, 2, 1],
+                      options=shaped)
+    spec = check_run(_opts(files, plan=str(plan)), 6)
+    spec.pop("lock").release()
+    assert {k: spec["config"][k] for k in shaped} == shaped
+    assert spec["cfg"]["method_options"] == shaped
+    assert json.loads(plan.read_text())["model"] == "lite-srl/resnet18/small-stem/width-32"
+
+    old = json.loads(plan.read_text())
+    del old["model_options"]  # a plan from before the shape was recorded
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    assert "profile` and `hpcsrl plan` again" in _refused(
+        _opts(files, plan=str(tmp_path / "old.json")), 6, "predates")
+    _refused(_opts(files, plan=str(plan), method_options={"width": 16}), 6,
+             "differs from the plan's")

@@ -35,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from hpcsrl.models.registry import build_method
-    from hpcsrl.planning.profile import Profile, save_profile
+    from hpcsrl.planning.profile import Profile, model_label, save_profile
     from hpcsrl.planning.quantities import format_bytes
     from hpcsrl.profiling.profiler import check_time_scale, profile_units
 
@@ -60,14 +60,12 @@ def run(args: argparse.Namespace) -> int:
     measured = profile_units(units, model.chain_input(x_a, x_b), args.optimizer, args.repeats,
                              args.warmup, args.time_scale, progress=True)
     profile = Profile(
-        model=f"{args.method}/{args.backbone}" + ("" if args.stem == "imagenet" else
-                                                  f"/{args.stem}-stem")
-        + ("" if args.width == 64 else f"/width-{args.width}"),
+        model=model_label(args.method, args.backbone, shape_options(args)),
         batch_size=args.batch_size,
         input_shape=[args.bands, args.input_size, args.input_size], optimizer=args.optimizer,
         units=measured,
         extra={"method": args.method, "backbone": args.backbone, "stem": args.stem,
-               "width": args.width,
+               "width": args.width, "model_options": shape_options(args),
                "repeats": args.repeats,
                "warmup": args.warmup, "time_scale": args.time_scale,
                "threads": torch.get_num_threads(), "torch": torch.__version__,

@@ -138,6 +138,7 @@ def check_run(o: DhpOptions, size: int) -> dict[str, Any]:
     from hpcsrl.data import PatchDataset
     from hpcsrl.data.splits import pretraining_patches
     from hpcsrl.models.registry import METHODS, build_method
+    from hpcsrl.planning.profile import model_label
     from hpcsrl.planning.quantities import format_bytes
     from hpcsrl.train.batches import check_batch_size, epoch_batches, labels_of, split_indices
     from hpcsrl.train.checkpoint import read_checkpoint
@@ -151,7 +152,17 @@ def check_run(o: DhpOptions, size: int) -> dict[str, Any]:
                         f"replicas per stage) but this run has {size}: start it with "
                         f"mpirun -np {need} (or srun -n {need})")
     model_name = str(plan.get("model") or "")
-    p_method, _, p_backbone = model_name.partition("/")
+    p_method, p_backbone = ([*model_name.split("/"), ""])[:2]
+    shape = dict(plan.get("model_options") or {})  # the profiled stem / width
+    if model_name and model_label(p_method, p_backbone, shape) != model_name:
+        raise UserError(f"--plan {o.plan} names model {model_name} but records no matching "
+                        f"shape options ({shape or 'none'}): it predates them; run `hpcsrl "
+                        "profile` and `hpcsrl plan` again")
+    clash = {k for k in shape if k in o.method_options and o.method_options[k] != shape[k]}
+    if clash:
+        raise UserError(f"--method-option {', '.join(sorted(clash))} differs from the plan's "
+                        f"{model_name} (profiled with {shape}): profile and plan that shape")
+    options = {**o.method_options, **shape}
     method = o.method or p_method
     backbone = o.backbone or p_backbone or "resnet18"
     if method in MOMENTUM_METHODS:
@@ -193,7 +204,7 @@ def check_run(o: DhpOptions, size: int) -> dict[str, Any]:
     if method == "dual-simclr" and ds.sensor != "s1s2":
         raise UserError("--method dual-simclr needs --bands s1s2")
     with torch.device("meta"):
-        model = build_method(method, backbone, in_channels=ds.channels, **o.method_options)
+        model = build_method(method, backbone, in_channels=ds.channels, **options)
     names = [n for n, _ in model.units()]
     last = int(plan["stages"][-1]["last_unit"])
     cuts = [int(s["first_unit"]) for s in plan["stages"][1:]]
@@ -216,7 +227,7 @@ def check_run(o: DhpOptions, size: int) -> dict[str, Any]:
                          batch_size=batch, input_size=size_px, lr=o.lr,
                          weight_decay=o.weight_decay, momentum=o.momentum, seed=o.seed,
                          limit=o.limit, monitor_samples=o.monitor_samples,
-                         method_options=dict(o.method_options), augment=o.augment,
+                         method_options=options, augment=o.augment,
                          progress=False)
     out = Path(o.out)
     from hpcsrl.train.lock import RunLock

@@ -96,6 +96,8 @@ def describe(profile: Profile, costs: Costs, cluster: Cluster, objective: str,
         "total_time_s": t_all / PS_PER_S,
         "transfer_total_s": (t_all - costs.total_time) / PS_PER_S,
         "model": profile.model,
+        # build_method's shape options (stem, width) for `hpcsrl dhp`; absent: the default shape
+        "model_options": dict(profile.extra.get("model_options") or {}),
         "batch_size": profile.batch_size,
         "input_shape": list(profile.input_shape),  # [bands, H, W]: `hpcsrl dhp` checks its data
         "bandwidth_bytes_per_s": cluster.bandwidth,

@@ -20,6 +20,14 @@ MAX_SECONDS = 1e12
 MAX_BYTES = 2**63 - 1
 
 
+def model_label(method: str, backbone: str, options: dict[str, Any]) -> str:
+    """The profile's and plan's model name, e.g. lite-srl/resnet18/small-stem/width-32, from the
+    non-default shape options (`hpcsrl.cli.pretrain.shape_options`); `hpcsrl dhp` rebuilds it
+    to check that the model it builds is the profiled one."""
+    return (f"{method}/{backbone}" + (f"/{options['stem']}-stem" if "stem" in options else "")
+            + (f"/width-{options['width']}" if "width" in options else ""))
+
+
 @dataclass(frozen=True)
 class UnitProfile:
     """One partitionable unit; training memory = params + grad/optimizer state + activations."""

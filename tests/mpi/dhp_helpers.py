@@ -14,11 +14,15 @@ PY = sys.executable
 
 def write_plan(path: Path, cuts: list[int], replicas: list[int], method: str = "lite-srl",
                backbone: str = "resnet18", bands: int = 3, size: int = 32, batch: int = 4,
-               stage_s: list[float] | None = None, memory: int = 100_000_000) -> Path:
-    """A plan as `hpcsrl plan` writes it, for given cuts and replicas (unit names filled in)."""
+               stage_s: list[float] | None = None, memory: int = 100_000_000,
+               options: dict | None = None) -> Path:
+    """A plan as `hpcsrl plan` writes it, for given cuts and replicas (unit names filled in);
+    `options`: the model's non-default stem / width."""
     from hpcsrl.models.registry import build_method
+    from hpcsrl.planning.profile import model_label
 
-    names = [n for n, _ in build_method(method, backbone, in_channels=bands).units()]
+    options = options or {}
+    names = [n for n, _ in build_method(method, backbone, in_channels=bands, **options).units()]
     edges = [0, *cuts, len(names)]
     stage_s = stage_s or [1.0] * len(replicas)
     stages = [{"first_unit": a, "last_unit": b - 1, "first_name": names[a],
@@ -29,7 +33,8 @@ def write_plan(path: Path, cuts: list[int], replicas: list[int], method: str = "
                                                               strict=False))]
     bound = min(r / sum(stage_s[i:]) for i, r in enumerate(replicas))
     plan = {"objective": "throughput", "cuts": cuts, "stages": stages,
-            "throughput_bound_per_s": bound, "model": f"{method}/{backbone}",
+            "throughput_bound_per_s": bound, "model": model_label(method, backbone, options),
+            "model_options": options,
             "batch_size": batch, "input_shape": [bands, size, size]}
     path.write_text(json.dumps(plan, indent=2))
     return path
