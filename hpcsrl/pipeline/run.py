@@ -154,7 +154,8 @@ def check_run(o: DhpOptions, size: int) -> dict[str, Any]:
     model_name = str(plan.get("model") or "")
     p_method, p_backbone = ([*model_name.split("/"), ""])[:2]
     shape = dict(plan.get("model_options") or {})  # the profiled stem / width
-    if model_name and model_label(p_method, p_backbone, shape) != model_name:
+    if (shape or model_name.count("/") > 1) and model_label(p_method, p_backbone,
+                                                             shape) != model_name:
         raise UserError(f"--plan {o.plan} names model {model_name} but records no matching "
                         f"shape options ({shape or 'none'}): it predates them; run `hpcsrl "
                         "profile` and `hpcsrl plan` again")
