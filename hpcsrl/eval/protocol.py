@@ -331,12 +331,13 @@ def run_protocol(data: LabelledData, encoders: Mapping[str, nn.Module], spec: Ev
     epochs_grid = spec.probe_epochs or (spec.fit.epochs,)
 
     def choose_probe(name: str, f: float, idx: np.ndarray, sizes: Sequence[int | None],
-                     record: bool) -> tuple[Head, tuple[int | None, float, int]]:
+                     record: bool) -> tuple[Head, tuple[int | None, float, int], dict, int]:
         """The linear probe of `name` on the labelled subset `idx` whose (input size, weight
-        decay, epochs) scores best on validation; `record` lists the candidates in the report."""
+        decay, epochs) scores best on validation, with its setting, its validation scores and
+        the number of candidates; `record` lists the candidates in the report."""
         grid = list(itertools.product(sizes, spec.probe_weight_decays, epochs_grid))
         tried: list[tuple[float, int]] = []
-        heads: list[Head] = []
+        heads: list[tuple[Head, dict]] = []
         for size, wd, ep in grid:
             tc = time.perf_counter()
             cfg = replace(spec.fit, weight_decay=wd, epochs=ep)
@@ -347,9 +348,9 @@ def run_protocol(data: LabelledData, encoders: Mapping[str, nn.Module], spec: Ev
                 rec.candidate(name, "freeze", f, _setting(size, wd, ep), v,
                               time.perf_counter() - tc)
             tried.append((val_score.key(v), len(tried)))
-            heads.append(head)
+            heads.append((head, v))
         b = _best(tried)
-        return heads[b], grid[b]
+        return heads[b][0], grid[b], heads[b][1], len(grid)
 
     for name, enc in encoders.items():
         probes: dict[tuple[float, int | None], Head] = {}  # (fraction, size) -> chosen probe
@@ -358,12 +359,11 @@ def run_protocol(data: LabelledData, encoders: Mapping[str, nn.Module], spec: Ev
                   f"t-SNE of frozen {name} features (test set)", out / f"tsne_{slug(name)}.png",
                   spec)
         if "freeze" in spec.modes:
-            n_grid = len(spec.input_sizes) * len(spec.probe_weight_decays) * len(epochs_grid)
             for f, idx in parts.train.items():
                 t = time.perf_counter()
-                head, (size, wd, ep) = choose_probe(name, f, idx, spec.input_sizes, True)
+                head, (size, wd, ep), v, n_grid = choose_probe(name, f, idx, spec.input_sizes,
+                                                               True)
                 probes[(f, size)] = head
-                v = val_score(*predict(head, feats[size][name][val_rows]))
                 test = test_score(*predict(head, feats[size][name][test_rows]))
                 rec.add(name, "freeze", f, len(idx), time.perf_counter() - t,
                         _setting(size, wd, ep), n_grid, v, test)
