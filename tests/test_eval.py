@@ -559,7 +559,7 @@ def test_eurosat_benchmark_smoke(tmp_path):
     assert {"random-init", "channel-stats"} <= encoders
     assert {r["method"] for r in rows} >= {"lite-srl", "simsiam"}
     assert all(r["val_oa"] and r["oa"] and r["selected"] for r in rows)
-    assert {r["mode"] for r in rows} == {"freeze", "finetune", "knn"}
+    assert {r["mode"] for r in rows} == {"freeze", "freeze-stages", "finetune", "knn"}
     assert (out / "oa_vs_minutes.png").stat().st_size > 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["split"]["digest"] == json.loads((out / "split.json").read_text())["digest"]

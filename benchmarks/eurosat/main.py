@@ -3,9 +3,11 @@
 One command: draw (or reuse) the test / validation / pool split, pre-train Lite-SRL and SimSiam
 with the same recipe for the same wall-clock minutes on the pool only (side by side, one core
 each), snapshot each encoder at evenly spaced minutes, then evaluate every snapshot with a frozen
-linear probe at 10 / 20 / 50 % labels and the final encoders fine-tuned at 10 / 20 %, beside the
-random-init and channel-statistics floors. Every choice (probe weight decay and epochs, input
-size, k of the floor) is made on the validation part; the test part is scored once per row.
+linear probe at 10 / 20 / 50 % labels (on the pooled last stage, and beside it, as rows
+"freeze-stages", on the pooled last 1-3 stages concatenated, chosen on validation) and the final
+encoders fine-tuned at 10 / 20 %, beside the random-init and channel-statistics floors. Every
+choice (probe weight decay and epochs, stages, input size, k of the floor) is made on the
+validation part; the test part is scored once per row.
 
     python benchmarks/eurosat/main.py --data eurosat_rgb.h5 --minutes 120 \\
         --out benchmarks/eurosat/results/budget120
@@ -82,6 +84,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--probe-epochs", default="100,200", help="probe epochs (chosen on val)")
     p.add_argument("--probe-weight-decay", default="0,1e-4,1e-3",
                    help="probe weight decays (chosen on validation)")
+    p.add_argument("--probe-stages", default="1,2,3",
+                   help="freeze-stages rows: linear probe on the pooled last k ResNet stages "
+                   "concatenated, k chosen on validation from this list ('' = no such rows; "
+                   "the freeze rows keep the classic last-stage probe)")
     p.add_argument("--eval-input-size", default="0",
                    help="evaluation input sizes, 0 = native 64 px (a list is chosen on val)")
     p.add_argument("--finetune-epochs", type=int, default=15)
@@ -368,20 +374,23 @@ def evaluate(args: argparse.Namespace, runs: dict[str, dict]) -> list[dict]:
                   probe_weight_decays=parse_list(args.probe_weight_decay, "--probe-weight-decay",
                                                  float, 0.0),
                   probe_epochs=parse_list(args.probe_epochs, "--probe-epochs", int, 1), fit=fit)
-    def protocol(mode: str, chosen: dict, fractions: str, **extra) -> list[dict]:
-        """One protocol run per mode, reused when it already finished in OUT/eval_<mode>."""
-        folder = Path(args.out) / f"eval_{mode}"
+    def protocol(modes: tuple[str, ...], chosen: dict, fractions: str, **extra) -> list[dict]:
+        """One protocol run per kind (OUT/eval_<first mode>), reused when it already finished."""
+        folder = Path(args.out) / f"eval_{modes[0]}"
         rows = finished_report(folder, chosen)
         if rows is None:
-            log(f"{mode}: {len(chosen)} encoders on split {split.digest()}")
+            log(f"{'+'.join(modes)}: {len(chosen)} encoders on split {split.digest()}")
             rows = run_protocol(data, chosen, EvalSpec(
-                modes=(mode,), fractions=parse_fractions(fractions), **extra, **common),
+                modes=modes, fractions=parse_fractions(fractions), **extra, **common),
                 folder, split=split)
         return rows
 
-    rows = protocol("freeze", encoders, args.fractions)
+    stages = parse_list(args.probe_stages, "--probe-stages", int, 1) if args.probe_stages \
+        else ()
+    rows = protocol(("freeze", "freeze-stages") if stages else ("freeze",), encoders,
+                    args.fractions, probe_stages=stages or (1,))
     if not args.no_finetune:
-        rows += protocol("finetune", final, args.finetune_fractions, knn_floor=False)
+        rows += protocol(("finetune",), final, args.finetune_fractions, knn_floor=False)
     out = []
     for r in rows:
         info = meta.get(r["encoder"], {"method": r["encoder"], "minutes": "", "epoch": ""})
@@ -436,6 +445,11 @@ def plot(path: Path, rows: list[dict], minutes: float) -> None:
             if pts:
                 ax.plot(*zip(*pts, strict=True), styles.get(f, "-"), marker="o",
                         color=colours[m], label=f"{m} freeze {f:.0%}")
+        pts = sorted((r["minutes"], r["oa"]) for r in rows
+                     if r["method"] == m and r["mode"] == "freeze-stages" and r["fraction"] == 0.1)
+        if pts:
+            ax.plot(*zip(*pts, strict=True), "-", marker="s", alpha=0.5, color=colours[m],
+                    label=f"{m} freeze-stages 10%")
         ft = [(r["minutes"], r["oa"], r["fraction"]) for r in rows
               if r["method"] == m and r["mode"] == "finetune"]
         for x, y, f in ft:

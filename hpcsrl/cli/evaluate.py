@@ -31,8 +31,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="labelled patch HDF5 (hpcsrl-preprocess output)")
     p.add_argument("--bands", default=None,
                    help="band set to read (rgb, s2-10m, s2, s1, s1s2); default: the checkpoint's")
-    p.add_argument("--mode", choices=("freeze", "finetune", "both"), default="both",
-                   help="freeze: linear classifier on the frozen encoder; finetune: whole network")
+    p.add_argument("--mode", default="both", metavar="MODE[,MODE...]",
+                   help="freeze: linear classifier on the frozen encoder's pooled last stage; "
+                   "freeze-stages: linear classifier on its pooled last k stages concatenated "
+                   "(k chosen on validation from --probe-stages); finetune: whole network; "
+                   "both = freeze,finetune (default)")
+    p.add_argument("--probe-stages", default="1,2,3", metavar="K[,K...]",
+                   help="freeze-stages candidates: how many of the last ResNet stages are "
+                   "pooled and concatenated (default 1,2,3)")
     p.add_argument("--label-fractions", default="0.1,0.2,0.5",
                    help="comma-separated fractions of the pool's labelled patches used as "
                    "labels (default 0.1,0.2,0.5; nested)")
@@ -118,6 +124,19 @@ def input_sizes(text: str | None) -> tuple[int | None, ...]:
     return tuple(None if s == 0 else s for s in sizes)
 
 
+def parse_modes(text: str) -> tuple[str, ...]:
+    """`--mode`: a comma-separated list of protocol modes, "both" = freeze,finetune."""
+    from hpcsrl.eval.protocol import MODES
+
+    modes = tuple(dict.fromkeys(m for part in text.split(",") if part.strip()
+                                for m in (("freeze", "finetune") if part.strip() == "both"
+                                          else (part.strip(),))))
+    bad = [m for m in modes if m not in MODES]
+    if bad or not modes:
+        raise UserError(f"--mode {text!r}: choose from {', '.join(MODES)} or both")
+    return modes
+
+
 def resolve_eval_split(args: argparse.Namespace, ckpt: dict, log):
     """The split to evaluate on: --split, else the one the checkpoint was pre-trained with,
     else OUT/split.json (drawn when absent). A checkpoint pre-trained on the pool of another
@@ -199,6 +218,8 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--checkpoint {args.checkpoint}: no such file")
     epochs = parse_list(args.epochs, "--epochs", int, 1)
     decays = parse_list(args.weight_decay, "--weight-decay", float, 0.0)
+    modes = parse_modes(args.mode)
+    stages = parse_list(args.probe_stages, "--probe-stages", int, 1)
     sizes = input_sizes(args.input_size)
     for opt in ("batch_size", "threads", "tsne_points"):
         if getattr(args, opt) < 1:
@@ -238,7 +259,6 @@ def run(args: argparse.Namespace) -> int:
         _check_bands(ckpt, ds, args)
     encoders = _encoders(args, model, ckpt, ds.channels, log)
 
-    modes = ("freeze", "finetune") if args.mode == "both" else (args.mode,)
     fit = FitConfig(epochs=max(epochs), finetune_epochs=args.finetune_epochs,
                     batch_size=args.batch_size, lr=args.lr,
                     encoder_lr=args.encoder_lr, weight_decay=decays[0], seed=args.seed,
@@ -248,7 +268,7 @@ def run(args: argparse.Namespace) -> int:
     spec = EvalSpec(modes=modes, fractions=fractions, seed=args.seed,
                     max_samples=args.max_samples, knn_floor=not args.no_knn_floor,
                     tsne=not args.no_tsne, tsne_points=args.tsne_points, input_sizes=sizes,
-                    probe_weight_decays=decays, probe_epochs=epochs,
+                    probe_weight_decays=decays, probe_epochs=epochs, probe_stages=stages,
                     bn_samples=args.bn_samples, fit=fit)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -49,10 +49,13 @@ from hpcsrl.features.extract import (
 )
 from hpcsrl.features.knn import knn_predict
 from hpcsrl.features.precise_bn import clean_batches, recalibrate
+from hpcsrl.features.stages import StagePooled, last_stage_columns
 from hpcsrl.fileio import write_json
 from hpcsrl.precision import autocast
 
-MODES = ("freeze", "finetune")
+# "freeze": linear probe on the pooled last stage (the classic protocol); "freeze-stages": linear
+# probe on the pooled last k stages concatenated, k chosen on validation (hpcsrl.features.stages).
+MODES = ("freeze", "freeze-stages", "finetune")
 KNN_NAME = "channel-stats"
 PER_CLASS_COLUMNS = ("encoder", "mode", "fraction", "class", "precision", "recall", "f1",
                      "support")
@@ -84,6 +87,7 @@ class EvalSpec:
     input_sizes: tuple[int | None, ...] = (None,)   # candidates (None: the patch size)
     probe_weight_decays: tuple[float, ...] = (0.0,)  # linear-probe candidates
     probe_epochs: tuple[int, ...] = ()      # linear-probe candidates (empty: fit.epochs)
+    probe_stages: tuple[int, ...] = (1, 2, 3)  # "freeze-stages" candidates: last k stages
     bn_samples: int = 2048                  # pool patches for BN statistics at an input size
     score_test: bool = True                 # False: validation only (choosing a recipe)
     fit: FitConfig = field(default_factory=FitConfig)
@@ -286,6 +290,10 @@ def run_protocol(data: LabelledData, encoders: Mapping[str, nn.Module], spec: Ev
     for m in spec.modes:
         if m not in MODES:
             raise ValueError(f"unknown mode {m!r}; expected one of {MODES}")
+    if not spec.probe_stages or min(spec.probe_stages) < 1:
+        raise ValueError(f"probe_stages must be counts >= 1 (got {spec.probe_stages})")
+    # One feature pass serves both freeze modes: the last stages' pooled outputs, concatenated.
+    n_stages = max(spec.probe_stages) if "freeze-stages" in spec.modes else 1
     labels = np.asarray(data.labels, dtype=np.int64)
     k = len(data.class_names)
     if labels.max(initial=-1) >= k:
@@ -314,59 +322,77 @@ def run_protocol(data: LabelledData, encoders: Mapping[str, nn.Module], spec: Ev
     sized: dict[int | None, Mapping[str, nn.Module]] = {}
     sized_digests: dict[int | None, dict[str, str]] = {}
     feats: dict[int | None, dict[str, np.ndarray]] = {}
+    dims: dict[str, list[int]] = {}     # encoder -> widths of its feature parts (last: classic)
     for size in spec.input_sizes:
         sized[size] = encoders if size is None else resized_encoders(
             encoders, data.read, parts.pool, size, spec)
         sized_digests[size] = {name: state_digest(e) for name, e in sized[size].items()}
         t0 = time.perf_counter()
-        feats[size] = extract(sized[size], data.read, used, spec.feature_batch,
+        staged = sized[size] if n_stages == 1 else {
+            name: StagePooled(e, n_stages) for name, e in sized[size].items()}
+        feats[size] = extract(staged, data.read, used, spec.feature_batch,
                               with_stats=spec.knn_floor and "channel_stats" not in
                               next(iter(feats.values()), {}), progress=spec.fit.progress,
                               precision=spec.fit.precision)
         log.info("features of %d samples from %d encoder(s) at %s in %.1f s", len(used),
                  len(encoders), size_label(size), time.perf_counter() - t0)
+        dims.update({name: getattr(e, "dims", None) or [feats[size][name].shape[1]]
+                     for name, e in staged.items()})
         for name, enc in sized[size].items():
             verify_unchanged(enc, sized_digests[size][name], f"encoder {name!r} (features)")
     first = spec.input_sizes[0]
     epochs_grid = spec.probe_epochs or (spec.fit.epochs,)
 
+    def feat(size: int | None, name: str, stages: int = 1) -> np.ndarray:
+        """Frozen features of every used sample: the pooled last `stages` stages."""
+        return feats[size][name][:, last_stage_columns(dims[name], stages)]
+
+    fitted: dict[tuple, tuple[Head, dict]] = {}  # both freeze modes share the 1-stage probes
+
     def choose_probe(name: str, f: float, idx: np.ndarray, sizes: Sequence[int | None],
-                     record: bool) -> tuple[Head, tuple[int | None, float, int], dict, int]:
-        """The linear probe of `name` on the labelled subset `idx` whose (input size, weight
-        decay, epochs) scores best on validation, with its setting, its validation scores and
-        the number of candidates; `record` lists the candidates in the report."""
-        grid = list(itertools.product(sizes, spec.probe_weight_decays, epochs_grid))
+                     mode: str | None) -> tuple[Head, str, tuple[int | None, int], dict, int]:
+        """The linear probe of `name` on the labelled subset `idx` whose (input size, stages,
+        weight decay, epochs) scores best on validation, with its setting, (input size, stages),
+        validation scores and the number of candidates; the candidates are listed in the report
+        under `mode` ("freeze": the last stage only; "freeze-stages": `spec.probe_stages`)."""
+        stages = spec.probe_stages if mode == "freeze-stages" else (1,)
+        grid = list(itertools.product(sizes, stages, spec.probe_weight_decays, epochs_grid))
         tried: list[tuple[float, int]] = []
         heads: list[tuple[Head, dict]] = []
-        for size, wd, ep in grid:
+        for size, st, wd, ep in grid:
             tc = time.perf_counter()
-            cfg = replace(spec.fit, weight_decay=wd, epochs=ep)
-            head = fit_linear(feats[size][name][rows_of(idx)], labels[idx], k, cfg,
-                              None if ml is None else ml[idx])
-            v = val_score(*predict(head, feats[size][name][val_rows]))
-            if record:
-                rec.candidate(name, "freeze", f, _setting(size, wd, ep), v,
+            key = (name, f, size, st, wd, ep)
+            if key not in fitted:
+                cfg = replace(spec.fit, weight_decay=wd, epochs=ep)
+                head = fit_linear(feat(size, name, st)[rows_of(idx)], labels[idx], k, cfg,
+                                  None if ml is None else ml[idx])
+                fitted[key] = head, val_score(*predict(head, feat(size, name, st)[val_rows]))
+            head, v = fitted[key]
+            if mode is not None:
+                rec.candidate(name, mode, f, _setting(size, wd, ep, st, mode), v,
                               time.perf_counter() - tc)
             tried.append((val_score.key(v), len(tried)))
             heads.append((head, v))
         b = _best(tried)
-        return heads[b][0], grid[b], heads[b][1], len(grid)
+        size, st, wd, ep = grid[b]
+        return heads[b][0], _setting(size, wd, ep, st, mode), (size, st), heads[b][1], len(grid)
 
     for name, enc in encoders.items():
         probes: dict[tuple[float, int | None], Head] = {}  # (fraction, size) -> chosen probe
         if spec.tsne and len(parts.test):
-            _tsne(feats[first][name][test_rows], labels[parts.test], data.class_names,
+            _tsne(feat(first, name)[test_rows], labels[parts.test], data.class_names,
                   f"t-SNE of frozen {name} features (test set)", out / f"tsne_{slug(name)}.png",
                   spec)
-        if "freeze" in spec.modes:
+        for mode in (m for m in ("freeze", "freeze-stages") if m in spec.modes):
             for f, idx in parts.train.items():
                 t = time.perf_counter()
-                head, (size, wd, ep), v, n_grid = choose_probe(name, f, idx, spec.input_sizes,
-                                                               True)
-                probes[(f, size)] = head
-                test = test_score(*predict(head, feats[size][name][test_rows]))
-                rec.add(name, "freeze", f, len(idx), time.perf_counter() - t,
-                        _setting(size, wd, ep), n_grid, v, test)
+                head, setting, (size, st), v, n_grid = choose_probe(name, f, idx,
+                                                                    spec.input_sizes, mode)
+                if mode == "freeze":
+                    probes[(f, size)] = head
+                test = test_score(*predict(head, feat(size, name, st)[test_rows]))
+                rec.add(name, mode, f, len(idx), time.perf_counter() - t, setting, n_grid, v,
+                        test)
             for size in spec.input_sizes:
                 verify_unchanged(sized[size][name], sized_digests[size][name],
                                  f"encoder {name!r}")
@@ -380,10 +406,9 @@ def run_protocol(data: LabelledData, encoders: Mapping[str, nn.Module], spec: Ev
                     start = None
                     if spec.fit.finetune_head == "probe":  # the freeze mode's, else chosen now
                         start = probes.get((f, size)) or choose_probe(name, f, idx, (size,),
-                                                                      False)[0]
-                    head = fine_tune(tuned, feats[size][name].shape[1], data.read, idx, labels,
-                                     k, spec.fit, ml, init_feats=feats[size][name][rows_of(idx)],
-                                     head=start)
+                                                                      None)[0]
+                    head = fine_tune(tuned, dims[name][-1], data.read, idx, labels, k, spec.fit,
+                                     ml, init_feats=feat(size, name)[rows_of(idx)], head=start)
                     vf = extract({name: tuned}, data.read, parts.val, spec.feature_batch,
                                  with_stats=False, progress=spec.fit.progress,
                                  precision=spec.fit.precision)[name]
@@ -436,5 +461,7 @@ def run_protocol(data: LabelledData, encoders: Mapping[str, nn.Module], spec: Ev
     return rec.rows
 
 
-def _setting(size: int | None, weight_decay: float, epochs: int) -> str:
-    return f"{size_label(size)}, wd {weight_decay:g}, {epochs} ep"
+def _setting(size: int | None, weight_decay: float, epochs: int, stages: int = 1,
+             mode: str | None = "freeze") -> str:
+    staged = f", last {stages} stage{'s' if stages > 1 else ''}" if mode == "freeze-stages" else ""
+    return f"{size_label(size)}{staged}, wd {weight_decay:g}, {epochs} ep"
