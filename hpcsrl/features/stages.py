@@ -2,8 +2,8 @@
 
 A linear probe on the globally pooled last stage is the classic frozen-encoder protocol. On
 small chips the earlier stages carry texture and colour cues that the last stage of a briefly
-pre-trained encoder has partly discarded; concatenating their pooled outputs (as DINO / iBOT
-concatenate the last blocks' tokens for their linear evaluation) keeps the encoder frozen and
+pre-trained encoder has partly discarded; concatenating their pooled outputs (as DINO / DINOv2
+concatenate the last blocks' class tokens for their linear evaluation) keeps the encoder frozen and
 the classifier linear. The columns are ordered earliest stage first and end with the encoder's
 own output, so the last `feature_dim` columns are exactly the classic features.
 """
