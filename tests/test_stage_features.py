@@ -53,9 +53,9 @@ def layer3_index(enc: ResNet) -> int:
 
 
 def test_stage_pooled_refuses_what_it_cannot_do():
-    with pytest.raises(ValueError, match="1..4"):
+    with pytest.raises(UserError, match="has 4 stages"):
         StagePooled(small_resnet(), 5)
-    with pytest.raises(ValueError, match="need a ResNet trunk"):
+    with pytest.raises(UserError, match="need a ResNet trunk"):
         StagePooled(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten()), 2)
 
 

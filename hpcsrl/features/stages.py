@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from hpcsrl.errors import UserError
 from hpcsrl.models.resnet import ResNet
 
 
@@ -23,8 +24,8 @@ def find_trunk(encoder: nn.Module) -> ResNet:
     for module in encoder.modules():
         if isinstance(module, ResNet):
             return module
-    raise ValueError(f"features of several stages need a ResNet trunk; {type(encoder).__name__} "
-                     "has none (use one stage)")
+    raise UserError(f"features of several stages need a ResNet trunk; {type(encoder).__name__} "
+                    "has none (--probe-stages 1)")
 
 
 def stage_ends(trunk: ResNet) -> list[nn.Module]:
@@ -44,7 +45,8 @@ class StagePooled(nn.Module):
         super().__init__()
         ends = stage_ends(find_trunk(encoder))
         if not 1 <= stages <= len(ends):
-            raise ValueError(f"stages must be 1..{len(ends)} for this trunk (got {stages})")
+            raise UserError(f"--probe-stages {stages}: this trunk has {len(ends)} stages "
+                            f"(choose 1..{len(ends)})")
         self.encoder = encoder
         self.earlier: Sequence[nn.Module] = ends[len(ends) - stages:-1]
         self.dims: list[int] = []
