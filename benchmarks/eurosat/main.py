@@ -228,7 +228,7 @@ def run_workers(args: argparse.Namespace, jobs: list[tuple[str, list[str], Path]
             label, extra, folder = pending.pop(0)
             method = extra[extra.index("--worker") + 1]
             logpath = folder / f"pretrain_{method}.log"
-            with open(logpath, "w") as logf:
+            with open(logpath, "a") as logf:  # a reused pre-training keeps its log
                 proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()),
                                          *args.argv, *extra], stdout=logf,
                                         stderr=subprocess.STDOUT, env=env)
