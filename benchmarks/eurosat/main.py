@@ -377,7 +377,7 @@ def evaluate(args: argparse.Namespace, runs: dict[str, dict]) -> list[dict]:
     def protocol(modes: tuple[str, ...], chosen: dict, fractions: str, **extra) -> list[dict]:
         """One protocol run per kind (OUT/eval_<first mode>), reused when it already finished."""
         folder = Path(args.out) / f"eval_{modes[0]}"
-        rows = finished_report(folder, chosen)
+        rows = finished_report(folder, chosen, modes)
         if rows is None:
             log(f"{'+'.join(modes)}: {len(chosen)} encoders on split {split.digest()}")
             rows = run_protocol(data, chosen, EvalSpec(
@@ -399,16 +399,19 @@ def evaluate(args: argparse.Namespace, runs: dict[str, dict]) -> list[dict]:
     return out
 
 
-def finished_report(folder: Path, encoders: dict) -> list[dict] | None:
+def finished_report(folder: Path, encoders: dict, modes: tuple[str, ...]
+                    ) -> list[dict] | None:
     """The rows of an evaluation that already finished in `folder` for exactly these encoders
-    (a re-run with the same --out reuses it, as it reuses finished pre-trainings), else None.
-    Any change of the settings must use a new --out: the report does not record them."""
+    and modes (a re-run with the same --out reuses it, as it reuses finished pre-trainings),
+    else None. Any other change of the settings must use a new --out: the report does not
+    record them."""
     path = folder / "report.csv"
     if not path.is_file():
         return None
     with open(path, newline="") as fh:
         rows = list(csv.DictReader(fh))
-    if {r["encoder"] for r in rows} - {"channel-stats"} != set(encoders):
+    if ({r["encoder"] for r in rows} - {"channel-stats"} != set(encoders)
+            or {r["mode"] for r in rows} - {"knn"} != set(modes)):
         return None
     log(f"reusing the finished evaluation in {folder}")
     for r in rows:
