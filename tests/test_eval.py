@@ -536,14 +536,9 @@ def test_ssl_compare_benchmark_smoke(tmp_path):
 def test_eurosat_benchmark_smoke(tmp_path):
     """The EuroSAT study end to end on a tiny file and budget: CSV, chart and summary, every
     row with validation and test figures, pre-training on the pool only."""
-    import importlib.util
     import json
-    from pathlib import Path
 
-    main_py = Path(__file__).resolve().parents[1] / "benchmarks" / "eurosat" / "main.py"
-    spec = importlib.util.spec_from_file_location("eurosat_main", main_py)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_eurosat_benchmark()
     data = tmp_path / "chips.h5"
     write_rgb_h5(data, n=90, p=32)
     out = tmp_path / "study"
@@ -596,3 +591,71 @@ def test_validation_only_run_never_reads_the_test_part(tmp_path):
     assert not seen & set(test.tolist())
     for r in rows:
         assert np.isnan(r["oa"]) and r["n_test"] == 0 and 0 <= r["val_oa"] <= 1
+
+
+def load_eurosat_benchmark():
+    import importlib.util
+    from pathlib import Path
+
+    main_py = Path(__file__).resolve().parents[1] / "benchmarks" / "eurosat" / "main.py"
+    spec = importlib.util.spec_from_file_location("eurosat_main", main_py)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
+
+
+def test_eurosat_budget_snapshot_is_the_one_nearest_the_budget():
+    """An over-planned run goes past the budget to the 1.05 x cap: the fine-tuned and summarised
+    encoder is the snapshot at the budget, not the last one."""
+    bench = load_eurosat_benchmark()
+    run = {"snapshots": [{"minutes": 60.4}, {"minutes": 120.24}, {"minutes": 126.57}]}
+    assert bench.at_budget("lite-srl", run, 120) == "lite-srl@120.24min"
+    assert bench.at_budget("simsiam", {"snapshots": [{"minutes": 59.0}, {"minutes": 117.5}]},
+                           120) == "simsiam@117.5min"
+
+
+def test_eurosat_combine_merges_methods_and_refuses_other_recipes(tmp_path):
+    """Studies of different methods (same split and recipe) merge into one table, plot and
+    summary with the floors once; another split, recipe or a method twice is refused."""
+    import json
+
+    bench = load_eurosat_benchmark()
+    recipe = {"width": 32, "minutes": 120, "threads": 2, "jobs": 1}
+
+    def study(name, method, oa, floor_oa, **changes):
+        folder = tmp_path / name
+        folder.mkdir()
+        rows = [{"encoder": f"{method}@120min", "method": method, "minutes": 120.0, "epoch": 9,
+                 "mode": "freeze", "fraction": 0.1, "val_oa": oa, "oa": oa, "selected": "wd 0"},
+                {"encoder": "random-init", "method": "random-init", "minutes": 0.0, "epoch": 0,
+                 "mode": "freeze", "fraction": 0.1, "val_oa": floor_oa, "oa": floor_oa,
+                 "selected": "wd 0"}]
+        bench.write_csv(folder / "study.csv", rows)
+        summary = {"budget_minutes": 120, "methods": [method],
+                   "recipe": {**recipe, **changes.get("recipe", {})},
+                   "split": {"digest": changes.get("digest", "abc")},
+                   "pretrain": {method: {"minutes": 126.0, "epochs_done": 9}},
+                   "final": [{"encoder": r["encoder"], "oa": r["oa"]} for r in rows],
+                   "command": f"main.py --methods {method}"}
+        (folder / "summary.json").write_text(json.dumps(summary))
+        return str(folder)
+
+    a = study("a", "lite-srl", 0.85, 0.64)
+    b = study("b", "simsiam", 0.80, 0.6405)
+    out = tmp_path / "both"
+    assert bench.main(["--out", str(out), "--combine", f"{a},{b}"]) == 0
+    rows = read_csv(out / "study.csv")
+    assert [r["encoder"] for r in rows].count("random-init") == 1
+    assert {r["method"] for r in rows} == {"lite-srl", "simsiam", "random-init"}
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["methods"] == ["lite-srl", "simsiam"]
+    assert summary["floor_max_test_oa_difference"] == pytest.approx(0.0005)
+    assert [f["encoder"] for f in summary["final"]].count("random-init") == 1
+    assert (out / "oa_vs_minutes.png").stat().st_size > 0
+    for bad, why in ((study("c", "simsiam", 0.8, 0.64, digest="xyz"), "split"),
+                     (study("d", "simsiam", 0.8, 0.64, recipe={"threads": 1}), "threads"),
+                     (a, "two studies"), (str(tmp_path / "none"), "not a finished study")):
+        with pytest.raises(SystemExit, match=why):
+            bench.main(["--out", str(tmp_path / "x"), "--combine", f"{a},{bad}"])
+    with pytest.raises(SystemExit):
+        bench.main(["--out", str(out)])  # --data and --minutes are needed to run a study

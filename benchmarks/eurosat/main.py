@@ -47,9 +47,9 @@ RECIPE_KEYS = ("backbone", "stem", "width", "batch_size", "input_size", "lr", "a
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", required=True, help="EuroSAT RGB patch HDF5 (hpcsrl-preprocess)")
+    p.add_argument("--data", help="EuroSAT RGB patch HDF5 (hpcsrl-preprocess)")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--minutes", type=float, required=True,
+    p.add_argument("--minutes", type=float,
                    help="pre-training wall-clock minutes per method (the budget)")
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated methods")
     p.add_argument("--backbone", default="resnet18")
@@ -107,8 +107,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pilot-only", action="store_true",
                    help="stop after the pilot (OUT/pilot/pilot.json): compare recipes on "
                    "validation before spending the budget")
+    p.add_argument("--combine", default=None, metavar="DIR,DIR",
+                   help="merge finished studies of different methods (same split and recipe, "
+                   "e.g. `--jobs 1` runs from separate sessions) into OUT's study.csv, "
+                   "oa_vs_minutes.png and summary.json; nothing is trained or evaluated")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # one method's pre-training
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.combine is None and (args.data is None or args.minutes is None):
+        p.error("--data and --minutes are required (except with --combine)")
+    return args
 
 
 def log(msg: str) -> None:
@@ -333,8 +340,17 @@ def pilot(args: argparse.Namespace, split) -> dict:
 
 
 # ------------------------------------------------------------------------------- evaluation
+def at_budget(method: str, run: dict, minutes: float) -> str:
+    """The encoder name of the snapshot nearest the budget: the one fine-tuned and summarised.
+    The last snapshot can lie past the budget (the calibration over-planned and the run went on
+    to the 1.05 x cap: session 17 stopped at 126.6 min, its 2-hour snapshot is at 120.2)."""
+    snap = min(run["snapshots"], key=lambda s: (abs(s["minutes"] - minutes), -s["minutes"]))
+    return f"{method}@{snap['minutes']:g}min"
+
+
 def evaluate(args: argparse.Namespace, runs: dict[str, dict]) -> list[dict]:
-    """Freeze every snapshot, fine-tune the final ones; floors beside; one protocol run each."""
+    """Freeze every snapshot, fine-tune the ones at the budget; floors beside; one protocol run
+    each."""
     import numpy as np
     import torch
 
@@ -359,7 +375,8 @@ def evaluate(args: argparse.Namespace, runs: dict[str, dict]) -> list[dict]:
             encoders[name] = model.encoder.eval()
             meta[name] = {"method": m, "minutes": snap["minutes"], "epoch": snap["epoch"]}
             config = ckpt["config"]
-        final[f"{m}@{run['snapshots'][-1]['minutes']:g}min"] = encoders[name]
+        name = at_budget(m, run, args.minutes)
+        final[name] = encoders[name]
     torch.manual_seed(args.seed)
     cfg = dict(config, method="lite-srl")
     cfg = {k: v for k, v in cfg.items()
@@ -476,10 +493,77 @@ def plot(path: Path, rows: list[dict], minutes: float) -> None:
     plt.close(fig)
 
 
+FLOORS = ("random-init", "channel-stats")
+
+
+def read_study(folder: Path) -> tuple[dict, list[dict]]:
+    """A finished study's summary.json and study.csv rows (numbers as numbers)."""
+    summary_path, study_path = folder / "summary.json", folder / "study.csv"
+    if not (summary_path.is_file() and study_path.is_file()):
+        raise SystemExit(f"--combine: {folder} is not a finished study (no summary.json / "
+                         "study.csv): run its command to the end first")
+    with open(study_path, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    for r in rows:
+        for k in ("minutes", "fraction", "val_oa", "oa", "kappa", "macro_f1"):
+            r[k] = float(r[k]) if r.get(k) not in ("", None) else math.nan
+    return json.loads(summary_path.read_text()), rows
+
+
+def combine(out: Path, folders: list[Path]) -> int:
+    """One table, plot and summary from studies that pre-trained different methods with the same
+    recipe on the same split (the floors are taken from the first study; the others' floors
+    are compared with it and the largest test-OA difference is recorded)."""
+    studies = [(f, *read_study(f)) for f in folders]
+    first, base, rows = studies[0]
+    methods: list[str] = []
+    pretrain: dict = {}
+    floor_diff = 0.0
+    floors = {(r["encoder"], r["mode"], r["fraction"]): r["oa"] for r in rows
+              if r["encoder"] in FLOORS}
+    merged = [r for r in rows if r["encoder"] in FLOORS]
+    for folder, summary, study_rows in studies:
+        if summary["split"]["digest"] != base["split"]["digest"]:
+            raise SystemExit(f"--combine: {folder} used split {summary['split']['digest']}, "
+                             f"{first} used {base['split']['digest']}: not comparable")
+        if summary["recipe"] != base["recipe"]:
+            diff = sorted(k for k in set(summary["recipe"]) | set(base["recipe"])
+                          if summary["recipe"].get(k) != base["recipe"].get(k))
+            raise SystemExit(f"--combine: {folder} and {first} differ in {', '.join(diff)}: "
+                             "methods are compared at the same recipe only")
+        clash = set(summary["methods"]) & set(methods)
+        if clash:
+            raise SystemExit(f"--combine: {', '.join(sorted(clash))} appears in two studies")
+        methods += summary["methods"]
+        pretrain.update(summary["pretrain"])
+        merged += [r for r in study_rows if r["encoder"] not in FLOORS]
+        for r in study_rows:
+            key = (r["encoder"], r["mode"], r["fraction"])
+            if key in floors and not math.isnan(r["oa"]):
+                floor_diff = max(floor_diff, abs(r["oa"] - floors[key]))
+    out.mkdir(parents=True, exist_ok=True)
+    write_csv(out / "study.csv", merged)
+    budget = float(base["budget_minutes"])
+    plot(out / "oa_vs_minutes.png", merged, max(p["minutes"] for p in pretrain.values()))
+    finals = [f for _, s, _ in studies for f in s["final"] if f["encoder"] not in FLOORS]
+    summary = {"budget_minutes": budget, "methods": methods, "recipe": base["recipe"],
+               "split": base["split"], "pretrain": pretrain,
+               "final": finals + [f for f in base["final"] if f["encoder"] in FLOORS],
+               "combined_from": [{"folder": str(f), "command": s["command"]}
+                                 for f, s, _ in studies],
+               "floor_max_test_oa_difference": round(floor_diff, 4)}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    log(f"combined {len(studies)} studies ({', '.join(methods)}) into {out}; floors from "
+        f"{first} (largest difference in the others: {floor_diff:.4f})")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # what the workers are started with
     out = Path(args.out)
+    if args.combine is not None:
+        return combine(out, [Path(f) for f in args.combine.split(",") if f])
     out.mkdir(parents=True, exist_ok=True)
     if args.worker is not None:
         pretrain_one(args, args.worker)
@@ -508,7 +592,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = evaluate(args, runs)
     write_csv(out / "study.csv", rows)
     plot(out / "oa_vs_minutes.png", rows, max(r["minutes"] for r in runs.values()))
-    finals = {m: f"{m}@{r['snapshots'][-1]['minutes']:g}min" for m, r in runs.items()}
+    finals = {m: at_budget(m, r, args.minutes) for m, r in runs.items()}
     summary = {
         "budget_minutes": args.minutes, "methods": methods, "recipe": recipe(args),
         "split": split.record(),
