@@ -614,6 +614,30 @@ def test_eurosat_budget_snapshot_is_the_one_nearest_the_budget():
                            120) == "simsiam@117.5min"
 
 
+def test_eurosat_snapshot_chosen_on_validation_within_the_budget():
+    """Early stopping on validation: the best validation OA among the snapshots up to the one at
+    the budget (a later, capped snapshot is not a candidate), reported with its test OA."""
+    bench = load_eurosat_benchmark()
+
+    def row(minutes, val, test, mode="freeze", method="lite-srl"):
+        return {"encoder": f"{method}@{minutes}min", "method": method, "minutes": minutes,
+                "mode": mode, "fraction": 0.1, "val_oa": val, "oa": test}
+
+    rows = [row(30.0, 0.80, 0.81), row(90.34, 0.855, 0.8504), row(120.24, 0.853, 0.846),
+            row(126.57, 0.90, 0.90), row(120.24, 0.889, 0.881, mode="freeze-stages"),
+            row(90.34, 0.882, 0.876, mode="freeze-stages"), row(60.0, 0.7, 0.7, method="simsiam"),
+            row(120.1, 0.7, 0.71, method="simsiam"),
+            {**row(0, 0.99, 0.99), "method": "random-init", "encoder": "random-init"}]
+    chosen = {(c["method"], c["mode"]): c for c in bench.chosen_on_validation(rows, 120)}
+    assert set(chosen) == {("lite-srl", "freeze"), ("lite-srl", "freeze-stages"),
+                           ("simsiam", "freeze")}
+    assert chosen["lite-srl", "freeze"]["encoder"] == "lite-srl@90.34min"
+    assert chosen["lite-srl", "freeze"]["oa"] == 0.8504
+    assert chosen["lite-srl", "freeze"]["candidates"] == 3
+    assert chosen["lite-srl", "freeze-stages"]["minutes"] == 120.24
+    assert chosen["simsiam", "freeze"]["minutes"] == 60.0  # a tie goes to the earlier snapshot
+
+
 def test_eurosat_combine_merges_methods_and_refuses_other_recipes(tmp_path):
     """Studies of different methods (same split and recipe) merge into one table, plot and
     summary with the floors once; another split, recipe or a method twice is refused."""
@@ -651,6 +675,7 @@ def test_eurosat_combine_merges_methods_and_refuses_other_recipes(tmp_path):
     assert summary["methods"] == ["lite-srl", "simsiam"]
     assert summary["floor_max_test_oa_difference"] == pytest.approx(0.0005)
     assert [f["encoder"] for f in summary["final"]].count("random-init") == 1
+    assert {c["method"] for c in summary["chosen_on_validation"]} == {"lite-srl", "simsiam"}
     assert (out / "oa_vs_minutes.png").stat().st_size > 0
     for bad, why in ((study("c", "simsiam", 0.8, 0.64, digest="xyz"), "split"),
                      (study("d", "simsiam", 0.8, 0.64, recipe={"threads": 1}), "threads"),
