@@ -16,7 +16,8 @@ Writes OUT/study.csv (one row per encoder x snapshot x mode x fraction: validati
 figures and the chosen setting), OUT/oa_vs_minutes.png, OUT/summary.json (budget, seed, recipe,
 epochs reached, the validation figures that chose) and the protocol's own reports under
 OUT/eval_freeze and OUT/eval_finetune. Re-running with the same --out reuses finished
-pre-trainings (the split and the recipe must match).
+pre-trainings (the split and the recipe must match). Methods run as separate studies (`--jobs 1`,
+possibly in separate sessions) are merged into one table and plot with `--combine A,B --out C`.
 """
 
 from __future__ import annotations
