@@ -33,6 +33,8 @@ import sys
 import time
 from pathlib import Path
 
+from hpcsrl.fileio import write_json
+
 HERE = Path(__file__).resolve().parent
 METHODS = ("lite-srl", "simsiam")
 STUDY_COLUMNS = ("encoder", "method", "minutes", "epoch", "mode", "fraction", "val_oa", "oa",
@@ -218,7 +220,7 @@ def pretrain_one(args: argparse.Namespace, method: str) -> dict:
            "images_per_s": round(1 / per_image, 2), "n_pool_trained": n_train,
            "snapshots": snapshots, "recipe": recipe(args),
            "history": json.loads(json.dumps(history, default=float))}
-    done.write_text(json.dumps(rec, indent=2) + "\n")
+    write_json(done, rec)
     return rec
 
 
@@ -291,7 +293,6 @@ def pilot(args: argparse.Namespace, split) -> dict:
     from hpcsrl.data import PatchDataset
     from hpcsrl.eval.protocol import EvalSpec, LabelledData, run_protocol
     from hpcsrl.eval.train import FitConfig
-    from hpcsrl.fileio import write_json
     from hpcsrl.models.registry import model_from_checkpoint
 
     cands = parse_pilot(args.pilot)
@@ -578,7 +579,7 @@ def combine(out: Path, folders: list[Path]) -> int:
                "combined_from": [{"folder": str(f), "command": s["command"]}
                                  for f, s, _ in studies],
                "floor_max_test_oa_difference": round(floor_diff, 4)}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_json(out / "summary.json", summary)
     log(f"combined {len(studies)} studies ({', '.join(methods)}) into {out}; floors from "
         f"{first} (largest difference in the others: {floor_diff:.4f})")
     return 0
@@ -607,7 +608,7 @@ def main(argv: list[str] | None = None) -> int:
     chosen = None
     if args.pilot:
         chosen = pilot(args, split)
-        (out / "pilot" / "pilot.json").write_text(json.dumps(chosen, indent=2) + "\n")
+        write_json(out / "pilot" / "pilot.json", chosen)
         if args.pilot_only:
             return 0
         for k, v in chosen["chosen"].items():
@@ -634,7 +635,7 @@ def main(argv: list[str] | None = None) -> int:
         "pretrain_wall_s": round(t1 - t0), "eval_wall_s": round(time.perf_counter() - t1),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_json(out / "summary.json", summary)
     log(f"wrote {out / 'study.csv'}, {out / 'oa_vs_minutes.png'}, {out / 'summary.json'}")
     for r in summary["final"]:
         if r["fraction"] is not None and not math.isnan(float(r["oa"])):
