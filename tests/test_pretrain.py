@@ -369,6 +369,35 @@ def test_stale_lock_and_temporary_checkpoint_of_a_killed_run_are_cleared(tmp_pat
     assert (out / "checkpoint.pt").exists()
 
 
+def test_lock_of_a_killed_but_unreaped_process_is_taken_over(tmp_path):
+    """Ranks of a SIGKILLed mpirun are re-parented to PID 1, which may reap them only seconds
+    later: a zombie holder has ended, the resumed run must not be refused."""
+    import socket
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from hpcsrl.procs import ended_on_this_host
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    try:
+        deadline = time.time() + 30
+        while not ended_on_this_host(socket.gethostname(), child.pid):  # exited, not yet waited
+            assert time.time() < deadline
+            time.sleep(0.05)
+        state = Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        assert state == "Z"
+        out = tmp_path / "o"
+        out.mkdir()
+        (out / ".hpcsrl.lock").write_text(f"{socket.gethostname()} {child.pid}\n")
+        Pretrainer(TensorPatches(n=16), _cfg(epochs=1), out).run()
+        assert (out / "checkpoint.pt").exists() and not (out / ".hpcsrl.lock").exists()
+    finally:
+        child.wait()
+    assert not ended_on_this_host("another-host", child.pid)  # cannot see other hosts
+
+
 def test_two_processes_on_one_folder_second_refuses(tmp_path):
     """A real second process while the first trains (the lock file holds its PID)."""
     import subprocess

@@ -58,6 +58,7 @@ from hpcsrl.pipeline.state import (
 from hpcsrl.pipeline.topology import Layout, make_comms
 from hpcsrl.pipeline.transport import Pending, Transport, Waiter, as_buffer
 from hpcsrl.pipeline.worker import StageWorker
+from hpcsrl.procs import ended_on_this_host
 
 CHECKPOINT = "checkpoint.pt"
 REPORT = "dhp_report.json"
@@ -505,17 +506,6 @@ def _run(o: DhpOptions, world: MPI.Comm, spec: dict[str, Any], log: Any) -> int:
     return 0
 
 
-def _dead(host: str, pid: int) -> bool:
-    """Whether a rank's process on this host is gone (or a zombie not yet reaped)."""
-    if host != socket.gethostname():
-        return False
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return True
-    return state in ("Z", "X")
-
-
 def _name_the_dead_on_sigterm(coordinator: Coordinator, procs: list[tuple[str, int]]) -> None:
     """mpirun / srun stop every rank at once when one dies (SIGKILL, crash), before DHP's own
     --timeout could notice: rank 0 then says which rank died and what it was doing."""
@@ -523,7 +513,7 @@ def _name_the_dead_on_sigterm(coordinator: Coordinator, procs: list[tuple[str, i
 
     def handler(signum: int, frame: Any) -> None:
         if coordinator.failure is None:
-            dead = [r for r, (host, pid) in enumerate(procs) if _dead(host, pid)]
+            dead = [r for r, (host, pid) in enumerate(procs) if ended_on_this_host(host, pid)]
             if dead:
                 r = dead[0]
                 what = (f"{layout.describe(r)} died while {coordinator.sched.activity(r)}; "

@@ -3,8 +3,8 @@
 Two trainers writing one folder (a second `hpcsrl pretrain` on a running run, or N copies under a
 launcher that was meant to start one) would overwrite each other's checkpoints. The lock is a file
 created with O_EXCL (works on shared file systems, unlike flock over NFS); a lock left by a killed
-process on this host is recognised as stale and taken over, with the temporary checkpoints the
-kill left behind.
+process on this host (gone, or a zombie not yet reaped) is recognised as stale and taken over,
+with the temporary checkpoints the kill left behind.
 """
 
 from __future__ import annotations
@@ -16,18 +16,9 @@ from pathlib import Path
 from types import TracebackType
 
 from hpcsrl.errors import UserError
+from hpcsrl.procs import ended_on_this_host
 
 LOCK_NAME = ".hpcsrl.lock"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class RunLock:
@@ -53,7 +44,7 @@ class RunLock:
                 if host == socket.gethostname() and pid == os.getpid():
                     self.held = True  # this process already holds it (e.g. a resumed trainer)
                     return self
-                if host == socket.gethostname() and pid is not None and not _alive(pid):
+                if pid is not None and ended_on_this_host(host, pid):
                     with contextlib.suppress(FileNotFoundError):
                         self.path.unlink()  # stale: its process is gone
                     continue

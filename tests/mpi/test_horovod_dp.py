@@ -4,11 +4,13 @@ and bad input stops every rank with one line from rank 0."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -26,6 +28,7 @@ from horovod_steps import EXACT_CFG  # noqa: E402
 from test_pretrain import TensorPatches, _write_rgb_h5  # noqa: E402
 
 from hpcsrl.precision import native_bf16  # noqa: E402
+from hpcsrl.procs import ended_on_this_host  # noqa: E402
 from hpcsrl.train.batches import view_generator  # noqa: E402
 from hpcsrl.train.loop import PretrainConfig, Pretrainer  # noqa: E402
 
@@ -115,6 +118,38 @@ def _epochs_logged(out: Path) -> int:
         return 0
 
 
+def _descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        found += kids
+        todo += kids
+    return found
+
+
+def _kill_job(proc: subprocess.Popen) -> None:
+    """SIGKILL mpirun and every rank (a lost node), and wait until they have all ended.
+
+    Open MPI starts each rank in its own process group, so killing mpirun's group leaves the ranks
+    running (they would still hold the output folder's lock)."""
+    pids = [*_descendants(proc.pid), proc.pid]
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    deadline = time.time() + 60
+    while not all(ended_on_this_host(socket.gethostname(), pid) for pid in pids):
+        assert time.time() < deadline, "killed ranks still running after 60 s"
+        time.sleep(0.1)
+
+
 @pytest.mark.slow
 def test_killed_mid_epoch_and_resumed_equals_uninterrupted(run_mpi, tmp_path: Path) -> None:
     data = _write_rgb_h5(tmp_path / "d.h5", n=96)
@@ -131,9 +166,8 @@ def test_killed_mid_epoch_and_resumed_equals_uninterrupted(run_mpi, tmp_path: Pa
         while _epochs_logged(part) < 1 and proc.poll() is None and time.time() < deadline:
             time.sleep(0.2)
         assert _epochs_logged(part) == 1, proc.communicate(timeout=60)
-        os.killpg(proc.pid, signal.SIGKILL)  # mpirun and both ranks, mid epoch 2
     finally:
-        proc.wait(timeout=60)
+        _kill_job(proc)  # mid epoch 2
     assert _epochs_logged(part) == 1  # killed before epoch 2 ended
     resumed = run_mpi(2, [*_pretrain_args(data, part, 3), "--resume"], timeout=600)
     assert "resumed" in resumed.stderr and "after epoch 1 of 3" in resumed.stderr
