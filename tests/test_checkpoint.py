@@ -41,7 +41,7 @@ def test_a_plain_pickle_with_code_is_refused_as_unsafe(tmp_path: Path) -> None:
     """Not torch's zip format at all: the legacy unpickler refuses it just the same."""
     marker = tmp_path / "code-ran"
     evil = tmp_path / "evil.pkl"
-    evil.write_bytes(pickle.dumps({"x": MakesAFolder(marker)}))
+    evil.write_bytes(pickle.dumps({"x": MakesAFolder(marker)}, protocol=2))
     with pytest.raises(UserError, match="refused as unsafe"):
         read_checkpoint(evil)
     assert not marker.exists()
