@@ -677,6 +677,9 @@ def test_eurosat_combine_merges_methods_and_refuses_other_recipes(tmp_path):
     assert [f["encoder"] for f in summary["final"]].count("random-init") == 1
     assert {c["method"] for c in summary["chosen_on_validation"]} == {"lite-srl", "simsiam"}
     assert (out / "oa_vs_minutes.png").stat().st_size > 0
+    table = (out / "table.md").read_text().splitlines()
+    assert "| lite-srl@120min (epoch 9) | 0.850 / 0.850 |" in table
+    assert "| random-init | 0.640 / 0.640 |" in table and len(table) == 2 + 2 + 3
     for bad, why in ((study("c", "simsiam", 0.8, 0.64, digest="xyz"), "split"),
                      (study("d", "simsiam", 0.8, 0.64, recipe={"threads": 1}), "threads"),
                      (a, "two studies"), (str(tmp_path / "none"), "not a finished study")):

@@ -13,10 +13,11 @@ validation part; the test part is scored once per row.
         --out benchmarks/eurosat/results/budget120
 
 Writes OUT/study.csv (one row per encoder x snapshot x mode x fraction: validation and test
-figures and the chosen setting), OUT/oa_vs_minutes.png, OUT/summary.json (budget, seed, recipe,
-epochs reached, the validation figures that chose) and the protocol's own reports under
-OUT/eval_freeze and OUT/eval_finetune. Re-running with the same --out reuses finished
-pre-trainings (the split and the recipe must match). Methods run as separate studies (`--jobs 1`,
+figures and the chosen setting), the same as a Markdown table OUT/table.md,
+OUT/oa_vs_minutes.png, OUT/summary.json (budget, seed, recipe, epochs reached, the validation
+figures that chose) and the protocol's own reports under OUT/eval_freeze and OUT/eval_finetune.
+Re-running with the same --out reuses finished pre-trainings (the split and the recipe must
+match). Methods run as separate studies (`--jobs 1`,
 possibly in separate sessions) are merged into one table and plot with `--combine A,B --out C`.
 """
 
@@ -475,6 +476,27 @@ def write_csv(path: Path, rows: list[dict]) -> None:
                             else v) for k, v in r.items()})
 
 
+def write_table(path: Path, rows: list[dict]) -> None:
+    """study.csv as the Markdown table a README quotes: one line per encoder, "validation / test"
+    OA per mode and fraction (the channel-statistics k-NN in the freeze columns)."""
+    cols = sorted({(r["mode"].replace("knn", "freeze"), r["fraction"]) for r in rows},
+                  key=lambda c: (("freeze", "freeze-stages", "finetune").index(c[0])
+                                 if c[0] in ("freeze", "freeze-stages", "finetune") else 9, c))
+    cells: dict[str, dict] = {}
+    for r in rows:
+        cells.setdefault(f"{r['encoder']} (epoch {r['epoch']})" if r["encoder"] not in FLOORS
+                         else r["encoder"], {})[(r["mode"].replace("knn", "freeze"),
+                                                r["fraction"])] = r
+    lines = ["| encoder | " + " | ".join(f"{m} {f:.0%}" for m, f in cols) + " |",
+             "|---" * (len(cols) + 1) + "|"]
+    for name, by_col in cells.items():
+        lines.append(f"| {name} | " + " | ".join(
+            f"{by_col[c]['val_oa']:.3f} / {by_col[c]['oa']:.3f}" if c in by_col else "-"
+            for c in cols) + " |")
+    path.write_text("OA on validation / test (settings chosen on validation)\n\n"
+                    + "\n".join(lines) + "\n")
+
+
 def plot(path: Path, rows: list[dict], minutes: float) -> None:
     import matplotlib
 
@@ -498,10 +520,13 @@ def plot(path: Path, rows: list[dict], minutes: float) -> None:
                     label=f"{m} freeze-stages 10%")
         ft = [(r["minutes"], r["oa"], r["fraction"]) for r in rows
               if r["method"] == m and r["mode"] == "finetune"]
-        for x, y, f in ft:
-            ax.scatter([x], [y], marker="*", s=120, color=colours[m], zorder=3)
-            ax.annotate(f"ft {f:.0%}", (x, y), textcoords="offset points", xytext=(4, 4),
-                        fontsize=7)
+        left = m == min(colours)  # one method's labels left of the stars, the other's right
+        for i, (x, y, f) in enumerate(ft):
+            ax.scatter([x], [y], marker="*", s=120, color=colours[m], zorder=3,
+                       label=f"{m} fine-tuned" if i == 0 else None)
+            ax.annotate(f"ft {f:.0%} {y:.3f}", (x, y), textcoords="offset points",
+                        xytext=(-7 if left else 7, -3), ha="right" if left else "left",
+                        fontsize=7, color=colours[m])
     for name, colour in (("random-init", "grey"), ("channel-stats", "black")):
         for r in rows:
             if r["encoder"] == name and r["mode"] in ("freeze", "knn") and r["fraction"] == 0.1:
@@ -510,7 +535,7 @@ def plot(path: Path, rows: list[dict], minutes: float) -> None:
     ax.axhline(0.85, color="green", lw=0.6, ls=":", label="target 0.85 (freeze, 10 %)")
     ax.set_xlabel("pre-training minutes (wall clock, per method)")
     ax.set_ylabel("test OA (setting chosen on validation)")
-    ax.set_xlim(0, max(minutes, 0.1) * 1.08)
+    ax.set_xlim(0, max(minutes, 0.1) * 1.18)
     ax.set_title("EuroSAT RGB: frozen / fine-tuned OA vs pre-training budget")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
@@ -569,6 +594,7 @@ def combine(out: Path, folders: list[Path]) -> int:
                 floor_diff = max(floor_diff, abs(r["oa"] - floors[key]))
     out.mkdir(parents=True, exist_ok=True)
     write_csv(out / "study.csv", merged)
+    write_table(out / "table.md", merged)
     budget = float(base["budget_minutes"])
     plot(out / "oa_vs_minutes.png", merged, max(p["minutes"] for p in pretrain.values()))
     finals = [f for _, s, _ in studies for f in s["final"] if f["encoder"] not in FLOORS]
@@ -618,6 +644,7 @@ def main(argv: list[str] | None = None) -> int:
     t1 = time.perf_counter()
     rows = evaluate(args, runs)
     write_csv(out / "study.csv", rows)
+    write_table(out / "table.md", rows)
     plot(out / "oa_vs_minutes.png", rows, max(r["minutes"] for r in runs.values()))
     finals = {m: at_budget(m, r, args.minutes) for m, r in runs.items()}
     summary = {
